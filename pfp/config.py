@@ -1,0 +1,182 @@
+"""Pydantic models for the YAML configs in configs/.
+
+Every model forbids unknown keys, so a typo in a config fails before any work starts,
+with the dotted path of the offending field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: Literal["fashion_mnist", "cifar10", "imagefolder", "imagenet", "synthetic"] = "fashion_mnist"
+    root: str | None = Field(None, description="folder holding the data set; None looks in the usual places")
+    input_size: int | None = Field(None, ge=8, description="resize images to this side; None keeps the native size")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    workers: int = Field(0, ge=0)
+    download: bool = Field(False, description="let torchvision download the data set where the machine is online")
+    augment: bool = True
+    # synthetic data (tests and smoke runs)
+    synthetic_train: int = Field(512, ge=1)
+    synthetic_test: int = Field(256, ge=1)
+    synthetic_classes: int = Field(10, ge=2)
+    synthetic_channels: int = Field(3, ge=1)
+    synthetic_size: int = Field(32, ge=8)
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training images (quick runs)")
+    limit_test: int | None = Field(None, ge=1, description="use only the first N test images (quick runs)")
+
+
+class ModelConfig(_Strict):
+    name: str = "lenet5"
+    pretrained_checkpoint: str | None = Field(
+        None, description="start from this trained checkpoint instead of training from scratch"
+    )
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "cosine"
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        description="step schedule: fractions of the epochs (<1) or absolute epochs (>=1)",
+    )
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class PruneConfig(_Strict):
+    method: Literal["pfp", "ft", "sfp", "fpgm", "hrank", "random", "tp_magnitude", "tp_taylor"] = "pfp"
+    target: Literal["flops", "params"] = "flops"
+    keep_ratios: list[float] = Field(
+        default_factory=lambda: [0.5, 0.3, 0.15],
+        description="cascade: fraction of the original resource kept after each round",
+    )
+    delta: float = Field(1e-12, gt=0, lt=1, description="failure probability of the guarantee")
+    selection: Literal["deterministic", "randomized"] = "deterministic"
+    sensitivity: Literal["sum", "max_offset"] = Field(
+        "sum", description="sum: channel's share over the kernel (paper Fig. 1); max_offset: reference code"
+    )
+    round_to: int = Field(8, ge=1, description="round kept channels to a multiple of this (1: off)")
+    min_channels: int = Field(1, ge=1)
+    calib_size: int | None = Field(None, ge=1, description="|S|; None uses the spec's formula")
+    holdout_size: int = Field(256, ge=1, description="held-out points for the coverage report")
+    tolerance: float = Field(0.5, ge=0, description="accuracy points allowed below the unpruned model")
+    ignore_layers: list[str] = Field(default_factory=list, description="module names never pruned")
+
+    @field_validator("keep_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one keep ratio")
+        for r in v:
+            if not 0 < r < 1:
+                raise ValueError(f"keep ratio {r} is not in (0, 1)")
+        if any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError("keep ratios must be strictly decreasing")
+        return v
+
+
+class CompareConfig(_Strict):
+    methods: list[str] = Field(
+        default_factory=lambda: ["pfp", "ft", "sfp", "fpgm", "hrank", "random", "tp_magnitude", "tp_taylor"]
+    )
+    reductions: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.85])
+
+    @field_validator("reductions")
+    @classmethod
+    def _reductions(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not 0 < r < 1:
+                raise ValueError(f"reduction {r} is not in (0, 1)")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        known = PruneConfig.model_fields["method"].annotation.__args__  # type: ignore[union-attr]
+        for m in v:
+            if m not in known:
+                raise ValueError(f"unknown method {m!r}; known: {', '.join(known)}")
+        return v
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    retrain: TrainConfig | None = Field(None, description="retraining after each prune; None reuses train")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+
+    @model_validator(mode="after")
+    def _retrain_default(self) -> "RunConfig":
+        if self.retrain is None:
+            object.__setattr__(self, "retrain", self.train.model_copy())
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: field '{loc}': {msg}{more}"
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read and validate a YAML config (None: the embedded defaults), then apply overrides.
+
+    overrides maps dotted keys to values, e.g. {"train.epochs": 1}.
+    """
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
