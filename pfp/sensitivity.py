@@ -1,0 +1,195 @@
+"""Empirical sensitivity of channels (spec section 2), batched and tiled.
+
+For a consumer with weight W and non-negative input A, channel j's share of unit (i, p) is
+c[j, i, p] = sum_k W[i, j, k] A[j, k, p], computed with W+ and W- separately; its relative
+contribution is c / z with z = sum_j c; the sensitivity of j is the maximum over points,
+units and positions. All of it is written here as one layout:
+
+    Wp:   [C, R, K]   per input unit j, R = 2 * out rows (W+ then W-), K offsets
+    U:    [C, K, Q]   the input, unfolded, Q = points x positions
+    zinv: [R, Q]      1 / z (0 where z is 0), from one dense product
+
+so a conv and a Linear (after flatten, K = features per channel) share one kernel:
+per tile, a batched matmul Wp @ U, a multiply by zinv and a max. Tiles over units and
+columns keep the [C, R, Q] intermediate a few MiB, in cache, never materialised whole.
+`reference_sensitivity` is the plain formula with Python loops, for tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TILE_BYTES = 4 << 20
+UNFOLD_BYTES = 64 << 20
+EPS = 1e-12
+
+
+def split_sign(a: torch.Tensor) -> torch.Tensor:
+    """Inputs that can be negative become two non-negative points: A+ and -A-."""
+    if a.numel() and a.min() < 0:
+        return torch.cat([a.clamp(min=0), (-a).clamp(min=0)], 0)
+    return a
+
+
+def _zinv(z: torch.Tensor) -> torch.Tensor:
+    return torch.where(z.abs() > EPS, z.reciprocal(), torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _tiled_max(Wp: torch.Tensor, U: torch.Tensor, zinv: torch.Tensor, mode: str) -> torch.Tensor:
+    """max over r, q of (Wp[c] @ U[c])[r, q] * zinv[r, q], for every unit c. -> [C]"""
+    C, R, K = Wp.shape
+    Q = U.shape[2]
+    per_col = R * 4 * (K if mode == "max_offset" else 1)
+    q_tile = max(1, min(Q, TILE_BYTES // max(1, per_col * min(C, 8))))
+    c_tile = max(1, min(C, TILE_BYTES // max(1, per_col * q_tile)))
+    out = torch.zeros(C, dtype=Wp.dtype, device=Wp.device)
+    for c0 in range(0, C, c_tile):
+        w = Wp[c0 : c0 + c_tile]
+        best = out[c0 : c0 + c_tile]
+        for q0 in range(0, Q, q_tile):
+            u = U[c0 : c0 + c_tile, :, q0 : q0 + q_tile]
+            zi = zinv[:, q0 : q0 + q_tile]
+            if mode == "sum":
+                c = torch.bmm(w, u)  # [c, R, q]
+            else:  # the reference code's choice: the largest single kernel offset
+                c = (w.unsqueeze(-1) * u.unsqueeze(1)).amax(2)
+            c.mul_(zi)
+            torch.maximum(best, c.amax(dim=(1, 2)), out=best)
+    return out
+
+
+def _signed_rows(w: torch.Tensor) -> torch.Tensor:
+    """[O, ...] -> [2O, ...]: W+ rows then |W-| rows.
+
+    c-/z- equals |c-|/|z-|, so with |W-| both halves are non-negative and one max serves.
+    """
+    return torch.cat([w.clamp(min=0), (-w).clamp(min=0)], 0)
+
+
+def conv_sensitivity(a: torch.Tensor, conv: nn.Conv2d, mode: str = "sum") -> torch.Tensor:
+    """Sensitivity of each input channel of `conv` on the points in `a` -> [C_in]."""
+    a = split_sign(a.detach())
+    w = conv.weight.detach()
+    if a.dtype != w.dtype:
+        a = a.to(w.dtype)
+    g = conv.groups
+    cin_g = conv.in_channels // g
+    out_g = conv.out_channels // g
+    kh, kw = conv.kernel_size
+    K = kh * kw
+    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise NotImplementedError(f"padding {conv.padding!r}/{conv.padding_mode}")
+    result = torch.zeros(conv.in_channels, dtype=w.dtype, device=w.device)
+    N = a.shape[0]
+    per_point = a[0].numel() * K * 4
+    n_tile = max(1, UNFOLD_BYTES // max(1, per_point))
+    for gi in range(g):
+        wg = w[gi * out_g : (gi + 1) * out_g]  # [O, cin_g, kh, kw]
+        w2 = _signed_rows(wg)  # [2O, cin_g, kh, kw]
+        Wp = w2.reshape(2 * out_g, cin_g, K).permute(1, 0, 2).contiguous()
+        ch = slice(gi * cin_g, (gi + 1) * cin_g)
+        for n0 in range(0, N, n_tile):
+            x = a[n0 : n0 + n_tile, ch]
+            n = x.shape[0]
+            z = F.conv2d(x, w2, **kwargs)  # [n, 2O, H', W']
+            P = z.shape[2] * z.shape[3]
+            zinv = _zinv(z).permute(1, 0, 2, 3).reshape(2 * out_g, n * P)
+            U = F.unfold(x, (kh, kw), **kwargs).view(n, cin_g, K, P)
+            U = U.permute(1, 2, 0, 3).reshape(cin_g, K, n * P)
+            s = _tiled_max(Wp, U, zinv, mode)
+            torch.maximum(result[ch], s, out=result[ch])
+    return result
+
+
+def linear_sensitivity(a: torch.Tensor, linear: nn.Linear, units: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """Sensitivity of feature units of `linear` -> [n_units].
+
+    units: [n_units, K] feature indices of each unit (-1 pads shorter units); a Linear after
+    flatten has one unit per channel holding that channel's H*W features.
+    """
+    a = a.detach().reshape(-1, a.shape[-1])
+    a = split_sign(a)
+    w = linear.weight.detach()
+    if a.dtype != w.dtype:
+        a = a.to(w.dtype)
+    w2 = _signed_rows(w)  # [R, F]
+    zinv = _zinv(a @ w2.t()).t().contiguous()  # [R, Q]
+    pad = units < 0
+    idx = units.clamp(min=0)
+    # padding gathers feature 0 with a zero weight, so it adds nothing
+    Wp = w2[:, idx].masked_fill(pad.unsqueeze(0), 0).permute(1, 0, 2).contiguous()  # [C, R, K]
+    U = a.t()[idx].masked_fill(pad.unsqueeze(-1), 0)  # [C, K, Q]
+    return _tiled_max(Wp, U, zinv, mode)
+
+
+def reference_sensitivity(a: torch.Tensor, conv_or_linear: nn.Module, units: torch.Tensor | None = None,
+                          mode: str = "sum") -> torch.Tensor:
+    """The spec's formula with plain loops: obviously correct, slow. For tests."""
+    a = split_sign(a.detach().double())
+    m = conv_or_linear
+    if isinstance(m, nn.Conv2d):
+        w = m.weight.detach().double()
+        g = m.groups
+        cin_g, out_g = m.in_channels // g, m.out_channels // g
+        kh, kw = m.kernel_size
+        cols = F.unfold(a, (kh, kw), stride=m.stride, padding=m.padding, dilation=m.dilation)
+        cols = cols.view(a.shape[0], m.in_channels, kh * kw, -1)  # [N, C, K, P]
+        s = torch.zeros(m.in_channels, dtype=torch.float64)
+        for n in range(a.shape[0]):
+            for i in range(m.out_channels):
+                gi = i // out_g
+                chans = range(gi * cin_g, (gi + 1) * cin_g)
+                wi = w[i].reshape(cin_g, kh * kw)
+                for sign in (1, -1):
+                    ws = (wi * sign).clamp(min=0) * sign
+                    contrib = torch.stack([
+                        (ws[jj].unsqueeze(-1) * cols[n, j]).sum(0) if mode == "sum"
+                        else (ws[jj].unsqueeze(-1) * cols[n, j]).max(0).values * (1 if sign > 0 else 1)
+                        for jj, j in enumerate(chans)
+                    ])  # [cin_g, P]
+                    total = (ws.unsqueeze(-1) * cols[n, gi * cin_g:(gi + 1) * cin_g]).sum((0, 1))
+                    if mode == "max_offset" and sign < 0:
+                        contrib = torch.stack([
+                            (ws[jj].unsqueeze(-1) * cols[n, j]).min(0).values for jj, j in enumerate(chans)
+                        ])
+                    ratio = torch.where(total.abs() > EPS, contrib / total, torch.zeros(()).double())
+                    for jj, j in enumerate(chans):
+                        s[j] = max(s[j], ratio[jj].max().item())
+        return s
+    w = m.weight.detach().double()
+    a = a.reshape(-1, a.shape[-1])
+    s = torch.zeros(units.shape[0], dtype=torch.float64)
+    for n in range(a.shape[0]):
+        for i in range(w.shape[0]):
+            for sign in (1, -1):
+                ws = (w[i] * sign).clamp(min=0) * sign
+                total = (ws * a[n]).sum()
+                if abs(total) <= EPS:
+                    continue
+                for u in range(units.shape[0]):
+                    f = units[u][units[u] >= 0]
+                    terms = ws[f] * a[n, f]
+                    if mode == "sum":
+                        c = terms.sum()
+                    else:
+                        c = terms.max() if sign > 0 else terms.min()
+                    s[u] = max(s[u], (c / total).item())
+    return s
+
+
+def kernel_positions(module: nn.Module, a: torch.Tensor) -> tuple[int, int]:
+    """(K, P): kernel offsets per channel and output positions per point, for the bound."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        h, w = a.shape[-2:]
+        sh, sw = module.stride
+        ph, pw = module.padding
+        dh, dw = module.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return kh * kw, ho * wo
+    return 1, max(1, math.prod(a.shape[1:-1]))
