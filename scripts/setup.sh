@@ -26,8 +26,9 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the package and its dependencies (first time: a few minutes)"
   # The machine's pip config may point at a local torch wheel that torchvision cannot
   # load; constraints.txt pins the pair from the registry so the choice is reproducible.
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[export,test]" 2>&1 | grep -v '^WARNING: Location' || true
+  quiet() { grep -v '^WARNING: Location' || true; }  # the machine's empty local indexes warn per package
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | quiet
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[export,test]" 2>&1 | quiet
   .venv/bin/python -c "import torch, torchvision, torch_pruning; torchvision.ops.nms" \
     || { echo "setup: torch/torchvision do not import together" >&2; exit 1; }
   echo "$want" > $stamp
