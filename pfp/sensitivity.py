@@ -10,8 +10,8 @@ units and positions. All of it is written here as one layout:
     zinv: [R, Q]      1 / z (0 where z is 0), from one dense product
 
 so a conv and a Linear (after flatten, K = features per channel) share one kernel:
-per tile, a batched matmul Wp @ U, a multiply by zinv and a max. Tiles over units and
-columns keep the [C, R, Q] intermediate a few MiB, in cache, never materialised whole.
+per tile, a batched matmul Wp @ U, a multiply by zinv and a max. Tiles over points and
+units keep the [n, c, R, Q] intermediate a few MiB, in cache, never materialised whole.
 `reference_sensitivity` is the plain formula with Python loops, for tests.
 """
 from __future__ import annotations
@@ -39,25 +39,29 @@ def _zinv(z: torch.Tensor) -> torch.Tensor:
 
 
 def _tiled_max(Wp: torch.Tensor, U: torch.Tensor, zinv: torch.Tensor, mode: str) -> torch.Tensor:
-    """max over r, q of (Wp[c] @ U[c])[r, q] * zinv[r, q], for every unit c. -> [C]"""
+    """max over n, r, q of (Wp[c] @ U[n, c])[r, q] * zinv[n, r, q], for every unit c. -> [C]
+
+    Wp [C, R, K], U [N, C, K, Q], zinv [N, R, Q]. Tiles over points and units keep the
+    [n, c, R, Q] intermediate a few MiB.
+    """
     C, R, K = Wp.shape
-    Q = U.shape[2]
-    per_col = R * 4 * (K if mode == "max_offset" else 1)
-    q_tile = max(1, min(Q, TILE_BYTES // max(1, per_col * min(C, 8))))
-    c_tile = max(1, min(C, TILE_BYTES // max(1, per_col * q_tile)))
+    N, _, _, Q = U.shape
+    per_unit = R * Q * 4 * (K if mode == "max_offset" else 1)
+    c_tile = max(1, min(C, TILE_BYTES // max(1, per_unit)))
+    n_tile = max(1, min(N, TILE_BYTES // max(1, per_unit * c_tile)))
     out = torch.zeros(C, dtype=Wp.dtype, device=Wp.device)
     for c0 in range(0, C, c_tile):
         w = Wp[c0 : c0 + c_tile]
         best = out[c0 : c0 + c_tile]
-        for q0 in range(0, Q, q_tile):
-            u = U[c0 : c0 + c_tile, :, q0 : q0 + q_tile]
-            zi = zinv[:, q0 : q0 + q_tile]
+        for n0 in range(0, N, n_tile):
+            u = U[n0 : n0 + n_tile, c0 : c0 + c_tile]  # [n, c, K, Q]
+            zi = zinv[n0 : n0 + n_tile].unsqueeze(1)  # [n, 1, R, Q]
             if mode == "sum":
-                c = torch.bmm(w, u)  # [c, R, q]
+                c = torch.matmul(w, u)  # [n, c, R, Q]
             else:  # the reference code's choice: the largest single kernel offset
-                c = (w.unsqueeze(-1) * u.unsqueeze(1)).amax(2)
+                c = (w.unsqueeze(-1) * u.unsqueeze(2)).amax(3)
             c.mul_(zi)
-            torch.maximum(best, c.amax(dim=(1, 2)), out=best)
+            torch.maximum(best, c.amax(dim=(0, 2, 3)), out=best)
     return out
 
 
@@ -97,9 +101,8 @@ def conv_sensitivity(a: torch.Tensor, conv: nn.Conv2d, mode: str = "sum") -> tor
             n = x.shape[0]
             z = F.conv2d(x, w2, **kwargs)  # [n, 2O, H', W']
             P = z.shape[2] * z.shape[3]
-            zinv = _zinv(z).permute(1, 0, 2, 3).reshape(2 * out_g, n * P)
+            zinv = _zinv(z).view(n, 2 * out_g, P)
             U = F.unfold(x, (kh, kw), **kwargs).view(n, cin_g, K, P)
-            U = U.permute(1, 2, 0, 3).reshape(cin_g, K, n * P)
             s = _tiled_max(Wp, U, zinv, mode)
             torch.maximum(result[ch], s, out=result[ch])
     return result
@@ -117,12 +120,12 @@ def linear_sensitivity(a: torch.Tensor, linear: nn.Linear, units: torch.Tensor, 
     if a.dtype != w.dtype:
         a = a.to(w.dtype)
     w2 = _signed_rows(w)  # [R, F]
-    zinv = _zinv(a @ w2.t()).t().contiguous()  # [R, Q]
+    zinv = _zinv(a @ w2.t()).t().unsqueeze(0)  # [1, R, Q]: all points as positions
     pad = units < 0
     idx = units.clamp(min=0)
     # padding gathers feature 0 with a zero weight, so it adds nothing
     Wp = w2[:, idx].masked_fill(pad.unsqueeze(0), 0).permute(1, 0, 2).contiguous()  # [C, R, K]
-    U = a.t()[idx].masked_fill(pad.unsqueeze(-1), 0)  # [C, K, Q]
+    U = a.t()[idx].masked_fill(pad.unsqueeze(-1), 0).unsqueeze(0)  # [1, C, K, Q]
     return _tiled_max(Wp, U, zinv, mode)
 
 
