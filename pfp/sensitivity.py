@@ -121,12 +121,20 @@ def linear_sensitivity(a: torch.Tensor, linear: nn.Linear, units: torch.Tensor, 
         a = a.to(w.dtype)
     w2 = _signed_rows(w)  # [R, F]
     zinv = _zinv(a @ w2.t()).t().unsqueeze(0)  # [1, R, Q]: all points as positions
-    pad = units < 0
-    idx = units.clamp(min=0)
-    # padding gathers feature 0 with a zero weight, so it adds nothing
-    Wp = w2[:, idx].masked_fill(pad.unsqueeze(0), 0).permute(1, 0, 2).contiguous()  # [C, R, K]
-    U = a.t()[idx].masked_fill(pad.unsqueeze(-1), 0).unsqueeze(0)  # [1, C, K, Q]
-    return _tiled_max(Wp, U, zinv, mode)
+    n_units, K = units.shape
+    R, Q = w2.shape[0], a.shape[0]
+    chunk = max(1, UNFOLD_BYTES // max(1, 4 * K * (R + Q)))  # gathered weights and inputs per unit
+    out = []
+    at = a.t()
+    for u0 in range(0, n_units, chunk):
+        part = units[u0 : u0 + chunk]
+        pad = part < 0
+        idx = part.clamp(min=0)
+        # padding gathers feature 0 with a zero weight, so it adds nothing
+        Wp = w2[:, idx].masked_fill(pad.unsqueeze(0), 0).permute(1, 0, 2).contiguous()  # [c, R, K]
+        U = at[idx].masked_fill(pad.unsqueeze(-1), 0).unsqueeze(0)  # [1, c, K, Q]
+        out.append(_tiled_max(Wp, U, zinv, mode))
+    return torch.cat(out)
 
 
 def reference_sensitivity(a: torch.Tensor, conv_or_linear: nn.Module, units: torch.Tensor | None = None,
