@@ -1,0 +1,340 @@
+"""The `pfp` command line (Typer).
+
+    pfp run [CONFIG] [--set key=value ...]          prune-and-retrain cascade (no CONFIG: quickstart)
+    pfp compare [CONFIG] [--methods pfp,ft] [--reductions 0.5,0.7] [--set ...]
+    pfp train [CONFIG] [--set ...]                  train and save the base model (torchrun works)
+    pfp prune CHECKPOINT --config CONFIG --keep 0.5 --out FILE
+    pfp models                                      list the model names
+    pfp validate CONFIG [--set ...]                 check a config without running it
+
+Expected failures (bad config, missing data, unreadable checkpoint, impossible target,
+unknown model) print one red line "error: ..." and exit with status 2; set PFP_DEBUG=1
+to get the traceback instead.
+
+Multi-GPU training of the base model:
+    torchrun --standalone --nproc_per_node=4 --no-python pfp train CONFIG
+    (or: torchrun ... -m pfp.cli train CONFIG), then `pfp run CONFIG` reuses its base.pt.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.text import Text
+
+from pfp.config import ConfigError, RunConfig, _format_error, load_config
+from pfp.data import DataFormatError, DataNotFoundError
+from pfp.serialization import CheckpointError
+
+# The defaults of `pfp run` without a CONFIG; configs/quickstart.yaml holds the same
+# (a test keeps the two equal). LeNet5 on Fashion-MNIST, about a minute on 2 CPU cores.
+QUICKSTART: dict = {
+    "name": "quickstart",
+    "seed": 0,
+    "device": "auto",
+    "output_dir": "runs",
+    "data": {
+        "name": "fashion_mnist",
+        "batch_size": 128,
+        "eval_batch_size": 1000,
+        "augment": False,
+        "limit_train": 20000,
+    },
+    "model": {"name": "lenet5"},
+    "train": {
+        "epochs": 5,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5.0e-4,
+        "schedule": "cosine",
+    },
+    "retrain": {
+        "epochs": 3,
+        "lr": 0.02,
+        "momentum": 0.9,
+        "weight_decay": 5.0e-4,
+        "schedule": "cosine",
+    },
+    "prune": {
+        "method": "pfp",
+        "target": "flops",
+        "keep_ratios": [0.5, 0.3, 0.15],
+        "round_to": 1,
+        "holdout_size": 256,
+        "tolerance": 0.5,
+    },
+    "compare": {
+        "methods": ["pfp", "ft", "sfp", "fpgm", "random"],
+        "reductions": [0.5, 0.7],
+    },
+}
+
+app = typer.Typer(
+    name="pfp",
+    help="Provable Filter Pruning: prune CNN filters with data-informed sensitivities, retrain, compare.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+EXPECTED_ERRORS = (ConfigError, DataNotFoundError, DataFormatError, CheckpointError, ValueError)
+
+ConfigArg = Annotated[
+    Optional[Path], typer.Argument(help="YAML config (see configs/); without it the quickstart defaults are used")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a config value: --set train.epochs=1 (value parsed as YAML); repeatable"),
+]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars while training")]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Expected failures -> one red line on stderr and exit status 2 (PFP_DEBUG=1: traceback)."""
+    from pfp.prune import PruneError  # a ValueError too; named for readers
+
+    try:
+        yield
+    except (PruneError, *EXPECTED_ERRORS) as e:
+        if os.environ.get("PFP_DEBUG"):
+            raise
+        Console(stderr=True).print(Text(f"error: {_one_line(e)}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            Text("interrupted; run the same command again to continue from the last checkpoint", style="yellow"),
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """["a.b=1", "c=[0.5, 0.3]"] -> {"a.b": 1, "c": [0.5, 0.3]} (values parsed with yaml.safe_load)."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=1")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return out
+
+
+def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConfig:
+    """The config at `path` (or the quickstart defaults) with dotted-key overrides applied."""
+    if path is not None:
+        return load_config(path, overrides)
+    raw = copy.deepcopy(QUICKSTART)
+    for key, value in (overrides or {}).items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, "<quickstart defaults>")) from None
+
+
+def _check_model_name(name: str) -> None:
+    from pfp.models import TV_PREFIX, _unknown, available_models
+
+    names = available_models()
+    key = name.strip()
+    ok = (TV_PREFIX + key[len(TV_PREFIX):]) in names if key.lower().startswith(TV_PREFIX) else key.lower() in names
+    if not ok:
+        raise _unknown(key)
+
+
+def _split(value: str | None, what: str, cast=str) -> list | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConfigError(f"--{what}: empty list")
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise ConfigError(f"--{what} {value!r}: expected a comma-separated list of numbers") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+def run(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = True) -> None:
+    """Prune-and-retrain cascade: train (or reuse) the base model, prune to each keep ratio, choose."""
+    with _errors():
+        from pfp.pipeline import run_cascade
+
+        cfg = load_run_config(config, parse_sets(set_))
+        _check_model_name(cfg.model.name)
+        run_cascade(cfg, console=Console(), progress=progress)
+
+
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated, e.g. pfp,ft,sfp (default: compare.methods)")] = None,
+    reductions: Annotated[
+        Optional[str], typer.Option(help="FLOP reductions, e.g. 0.5,0.7 (default: compare.reductions)")
+    ] = None,
+    set_: SetOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Several pruning methods side by side: same base model, FLOP targets and retraining budget."""
+    with _errors():
+        from pfp.compare import run_compare
+
+        cfg = load_run_config(config, parse_sets(set_))
+        _check_model_name(cfg.model.name)
+        run_compare(
+            cfg, _split(methods, "methods"), _split(reductions, "reductions", float), console=Console(), progress=progress
+        )
+
+
+@app.command("train")
+def train_cmd(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = True) -> None:
+    """Train the unpruned model and save it as output_dir/<name>/base.pt (works under torchrun)."""
+    with _errors():
+        from pfp.distributed import cleanup, init_distributed
+        from pfp.pipeline import run_train
+
+        cfg = load_run_config(config, parse_sets(set_))
+        _check_model_name(cfg.model.name)
+        rank, world, _ = init_distributed()
+        try:
+            run_train(cfg, console=Console(quiet=rank != 0), progress=progress, distributed=world > 1)
+        finally:
+            cleanup()
+
+
+@app.command("prune")
+def prune_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a model saved by pfp (base.pt, round_*/model.pt, ...)")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config: data (for calibration) and prune settings")],
+    keep: Annotated[float, typer.Option(help="share of the resource to keep, in (0, 1)")],
+    out: Annotated[Path, typer.Option(help="where to write the pruned model; the report goes next to it (.report.json)")],
+    method: Annotated[Optional[str], typer.Option(help="override prune.method")] = None,
+    target: Annotated[Optional[str], typer.Option(help="override prune.target: flops or params")] = None,
+    of_original: Annotated[
+        bool, typer.Option("--of-original", help="keep is relative to the unpruned network recorded in the file's report")
+    ] = False,
+    evaluate_: Annotated[bool, typer.Option("--eval/--no-eval", help="test accuracy before and after")] = True,
+    set_: SetOpt = None,
+) -> None:
+    """One-shot prune of a saved model (no retraining); prints and writes the report."""
+    with _errors():
+        import torch
+
+        from pfp.pipeline import calibration_loaders, load_checkpoint_for, load_data
+        from pfp.prune import prune
+        from pfp.serialization import save_model
+        from pfp.data import make_loader
+        from pfp.train import evaluate, resolve_device, seed_everything
+
+        overrides = parse_sets(set_)
+        if method is not None:
+            overrides["prune.method"] = method
+        if target is not None:
+            overrides["prune.target"] = target
+        cfg = load_run_config(config, overrides)
+        if not 0 < keep < 1:
+            raise ConfigError(f"--keep {keep}: must be in (0, 1)")
+        console = Console()
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        data = load_data(cfg, console)
+        example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
+        model, info, _ = load_checkpoint_for(checkpoint, data, example)
+        reference = None
+        if of_original:
+            rep = (info["meta"].get("report") or {}) if isinstance(info["meta"], dict) else {}
+            if not rep.get("original_params") or not rep.get("original_flops"):
+                raise CheckpointError(f"{checkpoint}: --of-original needs a file written by a pruning run (no report in it)")
+            reference = (int(rep["original_params"]), int(rep["original_flops"]))
+        model.to(device)
+        example = example.to(device)
+        calib, hold, n_calib, n_hold = calibration_loaders(cfg, data, model, example, console)
+        test_loader = make_loader(data.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers)
+        before = evaluate(model, test_loader, device)["acc"] if evaluate_ else None
+        console.print(f"[bold]prune[/] {checkpoint}: {cfg.prune.method}, keep {keep:.0%} of the {cfg.prune.target}, |S| = {n_calib}")
+        pruned, report, soft = prune(
+            model, calib, cfg.prune, keep, example_input=example, reference=reference, holdout_loader=hold,
+            device=device, seed=cfg.seed,
+        )  # fmt: skip
+        if soft is not None:  # SFP without retraining: remove the zeroed filters now
+            pruned, report = soft.finalize(pruned)
+        pruned.to(device)
+        after = evaluate(pruned, test_loader, device)["acc"] if evaluate_ else None
+        report.print_table(console)
+        meta = {
+            "source": str(checkpoint), "keep_ratio": keep, "acc_before_prune": before,
+            "acc_before_retrain": after, "report": report.to_dict(),
+        }  # fmt: skip
+        save_model(out, pruned, info["spec"], meta=meta)
+        report_path = out.with_suffix(".report.json")
+        report.save_json(report_path)
+        if evaluate_:
+            console.print(f"test acc {before:.2f}% -> {after:.2f}% (no retraining)")
+        console.print(f"wrote {out} and {report_path}")
+
+
+@app.command()
+def models() -> None:
+    """List the model names that configs accept (model.name)."""
+    from pfp.models import TV_PREFIX, _OURS, available_models
+
+    console = Console()
+    console.print("[bold]ours[/] (sized for the data set's images):")
+    for name in _OURS:
+        console.print(f"  {name}", highlight=False)
+    tv = [n for n in available_models() if n.startswith(TV_PREFIX)]
+    console.print(f"[bold]torchvision[/] ({len(tv)}, untrained, first conv adapted to the data's channels):")
+    console.print("  " + ", ".join(tv), highlight=False)
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="YAML config to check")], set_: SetOpt = None) -> None:
+    """Check a config (keys, values, model name, checkpoint file) without running anything."""
+    with _errors():
+        cfg = load_run_config(config, parse_sets(set_))
+        _check_model_name(cfg.model.name)
+        ckpt = cfg.model.pretrained_checkpoint
+        if ckpt and not Path(ckpt).is_file():
+            raise ConfigError(f"{config}: field 'model.pretrained_checkpoint': file {ckpt} not found")
+        p = cfg.prune
+        Console().print(
+            f"OK: {config}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}, {cfg.train.epochs} training epochs; "
+            f"{p.method} cascade to {', '.join(f'{r:g}' for r in p.keep_ratios)} of the {p.target}, "
+            f"{cfg.retrain.epochs} retraining epochs per round",  # type: ignore[union-attr]
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m pfp.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,746 @@
+"""The prune-and-retrain cascade (spec section 6) and the setup it shares with `pfp compare`.
+
+`prepare` does everything before pruning: data, loaders, the trained unpruned model (trained
+here, reused from an earlier run, or loaded from a checkpoint), its accuracy and resources,
+and the calibration / held-out loaders. `run_cascade` then prunes the last retrained network
+to each keep ratio of the *original* resource in turn, retrains it, and picks the smallest
+network whose test accuracy stays within the tolerance of the unpruned one.
+
+Everything a run writes goes under output_dir/<name>/:
+
+    base.pt             trained unpruned model (pfp-model/1), meta holds the config hash
+    train.ckpt          resumable training checkpoint of the base model
+    round_<i>/          model.pt (pruned + retrained), report.json (the PruneReport), round.json
+    results.json        every round's row and the choice
+    cascade.png         accuracy against FLOPs kept
+    chosen.pt           copy of the chosen round's model (absent when no round qualifies)
+
+A re-run with the same config reuses base.pt and every finished round; an interrupted
+training or retraining resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pfp.config import ConfigError, PruneConfig, RunConfig, TrainConfig
+from pfp.data import DataBundle, build_data, make_loader, split_calibration
+from pfp.distributed import barrier, get_rank, get_world_size, is_main_process
+from pfp.models import build_model
+from pfp.prune import PruneError, calibration_size, prune
+from pfp.resources import count_flops, count_params
+from pfp.serialization import CheckpointError, load_model, save_model
+from pfp.train import EpochStats, evaluate, resolve_device, seed_everything, train
+
+__all__ = [
+    "Setup",
+    "CascadeResult",
+    "prepare",
+    "load_checkpoint_for",
+    "load_data",
+    "calibration_loaders",
+    "eval_view",
+    "run_cascade",
+    "prune_and_retrain",
+    "base_config_hash",
+    "run_dir",
+]
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that determines the trained unpruned model.
+
+    Batch sizes for evaluation, loader workers, the data root and the device are left out:
+    they change where or how fast the model is made, not which model.
+    """
+    return _hash(
+        {
+            "data": cfg.data.model_dump(exclude={"eval_batch_size", "workers", "download", "root"}),
+            "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
+            "train": cfg.train.model_dump(),
+            "seed": cfg.seed,
+        }
+    )
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def _amp(tc: TrainConfig, device: torch.device) -> bool:
+    return tc.amp == "on" or (tc.amp == "auto" and device.type == "cuda")
+
+
+def _say(console: Console, msg: str, style: str | None = None) -> None:
+    console.print(msg, style=style, highlight=False, soft_wrap=True)
+
+
+def _fmt_int(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _checkpoint(path: Path, key: str) -> Path:
+    """A resumable checkpoint path that belongs to `key`; a stale one from another config is removed."""
+    stamp = path.with_name(path.name + ".json")
+    if is_main_process():
+        old = _read_json(stamp)
+        if path.exists() and (old is None or old.get("hash") != key):
+            path.unlink()
+        _write_json(stamp, {"hash": key})
+    barrier()  # other ranks look for the checkpoint only after a stale one is gone
+    return path
+
+
+def _drop_checkpoint(path: Path) -> None:
+    if is_main_process():
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".json").unlink(missing_ok=True)
+
+
+def _epoch_logger(console: Console, epochs: int, indent: str = "    ") -> Callable[[EpochStats], None]:
+    def log(stats: EpochStats) -> None:
+        _say(console, indent + stats.summary(epochs))
+
+    return log
+
+
+# --------------------------------------------------------------------------- data
+
+
+def eval_view(ds: Dataset, test: Dataset | None = None) -> Dataset:
+    """`ds` without training augmentation (for calibration and held-out points).
+
+    In-memory sets get a shallow copy with augment off (the image tensor is shared);
+    torchvision folders get the test set's transform; Subsets are unwrapped and rewrapped.
+    """
+    if isinstance(ds, Subset):
+        inner_test = test.dataset if isinstance(test, Subset) else test
+        return Subset(eval_view(ds.dataset, inner_test), ds.indices)
+    if getattr(ds, "augment", False):
+        view = copy.copy(ds)
+        view.augment = False
+        return view
+    if hasattr(ds, "transform") and test is not None and hasattr(test, "transform"):
+        view = copy.copy(ds)
+        view.transform = test.transform
+        return view
+    return ds
+
+
+def load_data(cfg: RunConfig, console: Console | None = None) -> DataBundle:
+    console = console or Console()
+    _say(console, f"[bold]data[/]  {cfg.data.name}" + (f" from {cfg.data.root}" if cfg.data.root else ""))
+    start = time.perf_counter()
+    data = build_data(cfg.data)
+    _say(
+        console,
+        f"      {len(data.train)} train / {len(data.test)} test images, {data.num_classes} classes, "
+        f"{data.in_channels}x{data.input_size}x{data.input_size}  ({time.perf_counter() - start:.1f}s)",
+    )
+    return data
+
+
+def calibration_loaders(
+    cfg: RunConfig, data: DataBundle, model: nn.Module, example_input: torch.Tensor, console: Console | None = None
+) -> tuple[DataLoader, DataLoader | None, int, int]:
+    """(calibration loader, held-out loader or None, |S|, held-out size) from the training set.
+
+    |S| is cfg.prune.calib_size or the spec's formula; both sets come without augmentation.
+    The held-out set shrinks (with a note) when the training set is too small for both.
+    """
+    console = console or Console()
+    n_calib = cfg.prune.calib_size or calibration_size(model, example_input, cfg.prune.delta)
+    train_view = eval_view(data.train, data.test)
+    n = len(train_view)
+    if n_calib > n:
+        raise ConfigError(
+            f"prune.calib_size: {n_calib} calibration points asked for but the training set holds {n}; "
+            "lower prune.calib_size or data.limit_train"
+        )
+    n_hold = min(cfg.prune.holdout_size, n - n_calib)
+    if n_hold < cfg.prune.holdout_size:
+        _say(console, f"      note: only {n_hold} held-out points fit next to |S|={n_calib}", style="yellow")
+    calib, hold = split_calibration(train_view, n_calib, n_hold, cfg.seed)
+    bs = cfg.data.eval_batch_size
+    calib_loader = make_loader(calib, bs, shuffle=False, workers=cfg.data.workers, seed=cfg.seed)
+    hold_loader = make_loader(hold, bs, shuffle=False, workers=cfg.data.workers, seed=cfg.seed) if n_hold else None
+    return calib_loader, hold_loader, n_calib, n_hold
+
+
+# --------------------------------------------------------------------------- the trained base model
+
+
+@dataclass
+class Setup:
+    """Everything that comes before pruning, shared by the cascade, compare and prune."""
+
+    cfg: RunConfig
+    device: torch.device
+    data: DataBundle
+    train_loader: DataLoader
+    test_loader: DataLoader
+    model: nn.Module  # the trained, unpruned network, on `device`
+    spec: dict  # build_model kwargs of its architecture
+    example_input: torch.Tensor  # [1, C, H, W] on `device`
+    base_key: str  # identity of the base model, for resume keys
+    acc: float
+    loss: float
+    params: int
+    flops: int
+    trained_now: bool  # False when base.pt or a pretrained checkpoint was reused
+    base_path: Path | None
+    run_dir: Path
+    calib_loader: DataLoader | None = None
+    holdout_loader: DataLoader | None = None
+    calib_size: int | None = None
+    holdout_size: int | None = None
+
+    def base_summary(self) -> dict:
+        return {
+            "acc": self.acc,
+            "loss": self.loss,
+            "params": self.params,
+            "flops": self.flops,
+            "spec": self.spec,
+            "path": str(self.base_path) if self.base_path else None,
+            "trained_now": self.trained_now,
+            "calib_size": self.calib_size,
+            "holdout_size": self.holdout_size,
+        }
+
+
+def load_checkpoint_for(path: str | Path, data: DataBundle, example_input: torch.Tensor) -> tuple[nn.Module, dict, str]:
+    """A saved model checked against the data: (model on CPU, load_model's info, identity key).
+
+    CheckpointError, naming the file, when it is unreadable or does not fit the data set's
+    classes, channels or image size.
+    """
+    path = Path(path)
+    model, info = load_model(path, build_model)
+    spec = info["spec"]
+    if spec.get("num_classes", data.num_classes) != data.num_classes:
+        raise CheckpointError(
+            f"{path}: the model has {spec['num_classes']} classes but data set {data.name} has {data.num_classes}"
+        )
+    if spec.get("in_channels", data.in_channels) != data.in_channels:
+        raise CheckpointError(
+            f"{path}: the model takes {spec['in_channels']}-channel images but data set {data.name} has {data.in_channels}"
+        )
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(example_input.cpu())
+    except Exception as e:  # noqa: BLE001 - any failure means the model does not fit the data
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: the model does not accept {data.in_channels}x{data.input_size}x{data.input_size} inputs "
+            f"of data set {data.name} ({type(e).__name__}: {first})"
+        ) from None
+    if out.ndim != 2 or out.shape[1] != data.num_classes:
+        raise CheckpointError(f"{path}: the model outputs shape {list(out.shape)}, expected [1, {data.num_classes}]")
+    st = path.stat()
+    key = _hash({"checkpoint": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns})
+    return model, info, key
+
+
+def _train_base(
+    cfg: RunConfig,
+    data: DataBundle,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    device: torch.device,
+    spec: dict,
+    out: Path,
+    key: str,
+    console: Console,
+    progress: bool,
+) -> tuple[nn.Module, bool]:
+    """The trained base model: base.pt when it matches the config, otherwise trained now."""
+    base_path = out / "base.pt"
+    if base_path.exists():
+        model, info = load_model(base_path, build_model)
+        meta = info["meta"]
+        if meta.get("config_hash") == key:
+            _say(console, f"[bold]base[/]  reusing {base_path} (trained earlier with this config; delete it to retrain)")
+            return model, False
+        # Another config trained this one: keep it aside, never overwrite a trained model silently.
+        aside = base_path.with_name(f"base-{meta.get('config_hash', 'unknown')}.pt")
+        _say(console, f"[bold]base[/]  {base_path} was trained with another config; moving it to {aside.name}", style="yellow")
+        barrier()
+        if is_main_process():
+            os.replace(base_path, aside)
+        barrier()
+
+    seed_everything(cfg.seed + get_rank())
+    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)
+    ckpt = _checkpoint(out / "train.ckpt", key)
+    world = get_world_size()
+    _say(
+        console,
+        f"[bold]train[/] {cfg.model.name}: {cfg.train.epochs} epochs, lr {cfg.train.lr} ({cfg.train.schedule}), "
+        f"batch {cfg.data.batch_size}" + (f" x {world} processes" if world > 1 else "") + f", on {device}"
+        + ("  (resuming from train.ckpt)" if ckpt.exists() else ""),
+    )
+    start = time.perf_counter()
+    try:
+        result = train(
+            model, train_loader, test_loader, cfg.train, device, checkpoint_path=ckpt, resume=True,
+            progress=progress, log=_epoch_logger(console, cfg.train.epochs),
+        )
+    except CheckpointError as e:
+        _say(console, f"      note: {e}; training from scratch", style="yellow")
+        _drop_checkpoint(ckpt)
+        ckpt = _checkpoint(out / "train.ckpt", key)
+        seed_everything(cfg.seed + get_rank())
+        model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)
+        result = train(
+            model, train_loader, test_loader, cfg.train, device, checkpoint_path=ckpt, resume=False,
+            progress=progress, log=_epoch_logger(console, cfg.train.epochs),
+        )
+    seconds = time.perf_counter() - start
+    if is_main_process():
+        save_model(
+            base_path, model, spec,
+            meta={
+                "config_hash": key,
+                "acc": result.final.get("acc"),
+                "loss": result.final.get("loss"),
+                "epochs": cfg.train.epochs,
+                "world_size": world,
+                "train_seconds": seconds,
+                "config": cfg.model_dump(),
+            },
+        )  # fmt: skip
+    barrier()
+    _say(console, f"      saved {base_path}  (test acc {result.final.get('acc', float('nan')):.2f}%, {seconds:.0f}s)")
+    return model, True
+
+
+def prepare(
+    cfg: RunConfig,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    calibration: bool = True,
+    distributed: bool = False,
+) -> Setup:
+    """Data, loaders, the trained base model (train / reuse / load), its metrics, calibration sets.
+
+    With distributed=True (a torchrun launch) the loaders shard the data and only rank 0
+    writes files; calibration is then usually left off.
+    """
+    console = console or Console()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, console)
+    train_loader = make_loader(
+        data.train, cfg.data.batch_size, shuffle=True, workers=cfg.data.workers, seed=cfg.seed,
+        distributed=distributed, drop_last=distributed,
+    )  # fmt: skip
+    test_loader = make_loader(
+        data.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers, seed=cfg.seed,
+        distributed=distributed,
+    )  # fmt: skip
+    example_input = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
+    out = run_dir(cfg)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+
+    if cfg.model.pretrained_checkpoint:
+        model, info, key = load_checkpoint_for(cfg.model.pretrained_checkpoint, data, example_input)
+        spec = info["spec"]
+        trained_now, base_path = False, Path(cfg.model.pretrained_checkpoint)
+        _say(console, f"[bold]base[/]  loaded {base_path} ({spec.get('name', '?')})")
+    else:
+        build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)  # name errors first
+        spec = {
+            "name": cfg.model.name, "num_classes": data.num_classes,
+            "in_channels": data.in_channels, "input_size": data.input_size,
+        }  # fmt: skip
+        key = base_config_hash(cfg)
+        model, trained_now = _train_base(cfg, data, train_loader, test_loader, device, spec, out, key, console, progress)
+        base_path = out / "base.pt"
+
+    model.to(device)
+    example_input = example_input.to(device)
+    metrics = evaluate(model, test_loader, device, amp=_amp(cfg.train, device))
+    params, flops = count_params(model), count_flops(model, example_input)
+    _say(
+        console,
+        f"      unpruned: test acc [bold]{metrics['acc']:.2f}%[/], {_fmt_int(params)} params, {_fmt_int(flops)} FLOPs",
+    )
+    setup = Setup(
+        cfg=cfg, device=device, data=data, train_loader=train_loader, test_loader=test_loader, model=model,
+        spec=spec, example_input=example_input, base_key=key, acc=metrics["acc"], loss=metrics["loss"],
+        params=params, flops=flops, trained_now=trained_now, base_path=base_path, run_dir=out,
+    )  # fmt: skip
+    if calibration:
+        calib, hold, n_calib, n_hold = calibration_loaders(cfg, data, model, example_input, console)
+        setup.calib_loader, setup.holdout_loader = calib, hold
+        setup.calib_size, setup.holdout_size = n_calib, n_hold
+        _say(console, f"[bold]calibration[/]  |S| = {n_calib} training images, {n_hold} held out for coverage")
+    return setup
+
+
+def _refuse_distributed(command: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{command} does not run under torchrun; train the base model with 'torchrun ... pfp train CONFIG', "
+            f"then run '{command} CONFIG' in one process: it reuses output_dir/<name>/base.pt"
+        )
+
+
+# --------------------------------------------------------------------------- one prune + retrain step
+
+
+def _pct_removed(value: float, original: float) -> float:
+    return 100.0 * (1.0 - value / original) if original else 0.0
+
+
+def prune_and_retrain(
+    setup: Setup,
+    model: nn.Module,
+    prune_cfg: PruneConfig,
+    keep_ratio: float,
+    out: Path,
+    key: str,
+    *,
+    seed: int,
+    console: Console,
+    progress: bool,
+    label: str,
+) -> tuple[nn.Module, dict, Any]:
+    """Prune `model` to keep_ratio of the base's resource, retrain with cfg.retrain, save in `out`.
+
+    Returns (retrained model, row, report). `key` identifies this step's inputs: a finished
+    step with the same key in `out` is reused instead of recomputed. PruneError propagates.
+    """
+    cfg = setup.cfg
+    device = setup.device
+    model_path, report_path, done_path = out / "model.pt", out / "report.json", out / "done.json"
+    done = _read_json(done_path)
+    if done and done.get("hash") == key and model_path.exists():
+        try:
+            cached, _ = load_model(model_path, build_model)
+        except CheckpointError as e:
+            _say(console, f"      note: {e}; recomputing", style="yellow")
+        else:
+            _say(console, f"[bold]{label}[/]  done in an earlier run, reusing {model_path}")
+            return cached.to(device), done["row"], None
+
+    target_value = keep_ratio * (setup.flops if prune_cfg.target == "flops" else setup.params)
+    _say(
+        console,
+        f"[bold]{label}[/]  {prune_cfg.method}: keep {keep_ratio:.0%} of the original {prune_cfg.target} "
+        f"({_fmt_int(target_value)})",
+    )
+    seed_everything(seed)
+    start = time.perf_counter()
+    pruned, report, soft = prune(
+        model, setup.calib_loader, prune_cfg, keep_ratio, example_input=setup.example_input,
+        reference=(setup.params, setup.flops), holdout_loader=setup.holdout_loader, device=device, seed=seed,
+    )  # fmt: skip
+    prune_seconds = time.perf_counter() - start
+    pruned.to(device)
+    amp = _amp(cfg.retrain, device)  # type: ignore[arg-type]
+    before = evaluate(pruned, setup.test_loader, device, amp=amp)
+    eps = getattr(report, "eps", None)
+    _say(
+        console,
+        f"      pruned in {prune_seconds:.1f}s"
+        + (f" (eps {eps:.3g})" if isinstance(eps, (int, float)) else "")
+        + f": {_fmt_int(report.params)} params, {_fmt_int(report.flops)} FLOPs; test acc before retraining {before['acc']:.2f}%",
+    )
+
+    rcfg: TrainConfig = cfg.retrain  # type: ignore[assignment]
+    # Same data order for every step with this seed, whatever ran before it in this process.
+    gen = getattr(setup.train_loader, "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed)
+    seed_everything(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _checkpoint(out / "retrain.ckpt", key)
+    callbacks = [soft.callback] if soft is not None else []
+    _say(console, f"      retraining {rcfg.epochs} epoch{'' if rcfg.epochs == 1 else 's'}" + ("  (resuming from retrain.ckpt)" if ckpt.exists() else ""))
+    start = time.perf_counter()
+    try:
+        result = train(
+            pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
+            checkpoint_path=ckpt, resume=True, progress=progress, log=_epoch_logger(console, rcfg.epochs),
+        )  # fmt: skip
+    except CheckpointError as e:  # e.g. the re-pruned network has other channel counts than the checkpoint
+        _say(console, f"      note: {e}; retraining from the start", style="yellow")
+        _drop_checkpoint(ckpt)
+        ckpt = _checkpoint(out / "retrain.ckpt", key)
+        result = train(
+            pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
+            checkpoint_path=ckpt, resume=False, progress=progress, log=_epoch_logger(console, rcfg.epochs),
+        )  # fmt: skip
+    if soft is not None:
+        pruned, report = soft.finalize(pruned)
+        pruned.to(device)
+    retrain_seconds = time.perf_counter() - start
+    after = evaluate(pruned, setup.test_loader, device, amp=amp)
+
+    params, flops = count_params(pruned), count_flops(pruned, setup.example_input)
+    target_kind = prune_cfg.target
+    achieved_keep = (flops / setup.flops) if target_kind == "flops" else (params / setup.params)
+    row = {
+        "method": prune_cfg.method,
+        "target": target_kind,
+        "keep_ratio": keep_ratio,
+        "achieved_keep": achieved_keep,
+        "params": params,
+        "flops": flops,
+        "params_removed_pct": _pct_removed(params, setup.params),
+        "flops_removed_pct": _pct_removed(flops, setup.flops),
+        "acc_before_retrain": before["acc"],
+        "acc": after["acc"],
+        "loss": after["loss"],
+        "acc_change": after["acc"] - setup.acc,
+        "eps": eps if isinstance(eps, (int, float)) else None,
+        "prune_seconds": prune_seconds,
+        "retrain_seconds": retrain_seconds,
+        "seconds": prune_seconds + retrain_seconds,
+        "model_path": str(model_path),
+        "report_path": str(report_path),
+        "error": None,
+    }
+    report_dict = report.to_dict()
+    save_model(model_path, pruned, setup.spec, meta={"row": row, "report": report_dict, "hash": key})
+    report.save_json(report_path)
+    _drop_checkpoint(ckpt)
+    _write_json(done_path, {"hash": key, "row": row})
+    _say(
+        console,
+        f"      test acc after retraining [bold]{after['acc']:.2f}%[/] ({after['acc'] - setup.acc:+.2f}), "
+        f"FLOPs -{row['flops_removed_pct']:.1f}%, params -{row['params_removed_pct']:.1f}%  ({row['seconds']:.0f}s)",
+    )
+    return pruned, row, report
+
+
+def _error_row(method: str, target: str, keep_ratio: float, error: BaseException) -> dict:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return {
+        "method": method, "target": target, "keep_ratio": keep_ratio, "achieved_keep": None,
+        "params": None, "flops": None, "params_removed_pct": None, "flops_removed_pct": None,
+        "acc_before_retrain": None, "acc": None, "loss": None, "acc_change": None, "eps": None,
+        "prune_seconds": None, "retrain_seconds": None, "seconds": None, "model_path": None,
+        "report_path": None, "error": f"{type(error).__name__}: {first}",
+    }  # fmt: skip
+
+
+def _step_key(setup: Setup, prune_cfg: PruneConfig, chain: list[float], seed: int) -> str:
+    cfg = setup.cfg
+    return _hash(
+        {
+            "base": setup.base_key,
+            "prune": prune_cfg.model_dump(exclude={"keep_ratios", "tolerance"}),
+            "retrain": cfg.retrain.model_dump() if cfg.retrain else None,
+            "chain": chain,
+            "seed": seed,
+            "data": cfg.data.model_dump(exclude={"eval_batch_size", "workers", "download", "root"}),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- cascade
+
+
+@dataclass
+class CascadeResult:
+    name: str
+    run_dir: Path
+    base: dict
+    rounds: list[dict]
+    chosen: int | None  # index into rounds, None when no pruned network is within tolerance
+    tolerance: float
+    trained_base: bool
+    results_path: Path
+    plot_path: Path | None
+    seconds: float
+    config: dict = field(default_factory=dict)
+
+    @property
+    def chosen_row(self) -> dict | None:
+        return self.rounds[self.chosen] if self.chosen is not None else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        d["results_path"] = str(self.results_path)
+        d["plot_path"] = str(self.plot_path) if self.plot_path else None
+        d["chosen_row"] = self.chosen_row
+        return d
+
+
+def choose(base_acc: float, rows: list[dict], tolerance: float, target: str = "flops") -> int | None:
+    """Index of the smallest network (by the target resource) within `tolerance` points of base_acc."""
+    ok = [i for i, r in enumerate(rows) if r.get("error") is None and r["acc"] >= base_acc - tolerance - 1e-9]
+    if not ok:
+        return None
+    return min(ok, key=lambda i: (rows[i][target], -rows[i]["acc"]))
+
+
+def _cascade_table(result: CascadeResult, target: str) -> Table:
+    t = Table(title=f"cascade {result.name}: prune to a share of the original {target}, then retrain")
+    for col in ("round", "keep", "params", "FLOPs", "acc before retrain", "acc after", "change", "time"):
+        t.add_column(col, justify="right")
+    b = result.base
+    t.add_row("base", "100%", _fmt_int(b["params"]), _fmt_int(b["flops"]), "", f"{b['acc']:.2f}%", "", "")
+    for i, r in enumerate(result.rounds):
+        mark = " *" if i == result.chosen else ""
+        if r.get("error"):
+            t.add_row(f"{i + 1}", f"{r['keep_ratio']:.0%}", "", "", "", Text("failed", style="red"), "", "")
+            continue
+        t.add_row(
+            f"{i + 1}{mark}",
+            f"{r['keep_ratio']:.0%}",
+            f"{_fmt_int(r['params'])} (-{r['params_removed_pct']:.1f}%)",
+            f"{_fmt_int(r['flops'])} (-{r['flops_removed_pct']:.1f}%)",
+            f"{r['acc_before_retrain']:.2f}%",
+            f"{r['acc']:.2f}%",
+            Text(f"{r['acc_change']:+.2f}", style="green" if r["acc_change"] >= -result.tolerance else "red"),
+            f"{r['seconds']:.0f}s",
+            style="bold" if mark else None,
+        )
+    return t
+
+
+def _plot_cascade(result: CascadeResult, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rounds if not r.get("error")]
+    base = result.base
+    xs = [100.0] + [100.0 - r["flops_removed_pct"] for r in rows]
+    after = [base["acc"]] + [r["acc"] for r in rows]
+    before = [r["acc_before_retrain"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(xs, after, "o-", label="after retraining")
+    if rows:
+        ax.plot(xs[1:], before, "x--", color="gray", alpha=0.7, label="before retraining")
+    ax.axhline(base["acc"], color="black", ls=":", lw=1, label=f"unpruned {base['acc']:.2f}%")
+    ax.axhline(base["acc"] - result.tolerance, color="red", ls=":", lw=1, label=f"tolerance -{result.tolerance:g}")
+    if result.chosen is not None:
+        r = result.rounds[result.chosen]
+        ax.plot([100.0 - r["flops_removed_pct"]], [r["acc"]], "*", ms=16, color="gold", mec="black", label="chosen")
+    ax.set_xlabel("FLOPs kept (% of unpruned)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{result.name}: {rows[0]['method'] if rows else ''} cascade")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_cascade(cfg: RunConfig, *, console: Console | None = None, progress: bool = True) -> CascadeResult:
+    """Spec section 6: prune the last retrained network to each keep ratio, retrain, choose."""
+    _refuse_distributed("pfp run")
+    console = console or Console()
+    start = time.perf_counter()
+    setup = prepare(cfg, console=console, progress=progress)
+    pc = cfg.prune
+    rows: list[dict] = []
+    current = setup.model
+    n = len(pc.keep_ratios)
+    for i, ratio in enumerate(pc.keep_ratios):
+        out = setup.run_dir / f"round_{i + 1}"
+        seed = cfg.seed + i
+        key = _step_key(setup, pc, pc.keep_ratios[: i + 1], seed)
+        try:
+            current, row, _ = prune_and_retrain(
+                setup, current, pc, ratio, out, key, seed=seed, console=console, progress=progress,
+                label=f"round {i + 1}/{n}",
+            )  # fmt: skip
+        except PruneError as e:
+            _say(console, f"      cannot prune to {ratio:.0%}: {e}; stopping the cascade", style="red")
+            rows.append(_error_row(pc.method, pc.target, ratio, e) | {"round": i + 1})
+            break
+        rows.append(row | {"round": i + 1})
+
+    chosen = choose(setup.acc, rows, pc.tolerance, pc.target)
+    out = setup.run_dir
+    result = CascadeResult(
+        name=cfg.name, run_dir=out, base=setup.base_summary(), rounds=rows, chosen=chosen, tolerance=pc.tolerance,
+        trained_base=setup.trained_now, results_path=out / "results.json", plot_path=None,
+        seconds=time.perf_counter() - start, config=cfg.model_dump(),
+    )  # fmt: skip
+    chosen_copy = out / "chosen.pt"
+    if chosen is not None:
+        shutil.copyfile(rows[chosen]["model_path"], chosen_copy)
+    else:
+        chosen_copy.unlink(missing_ok=True)
+    result.plot_path = _plot_cascade(result, out / "cascade.png")
+    _write_json(result.results_path, result.to_dict())
+
+    console.print(_cascade_table(result, pc.target))
+    for i, r in enumerate(rows):
+        if r.get("error"):
+            _say(console, f"failed: round {i + 1} (keep {r['keep_ratio']:.0%}): {r['error']}", style="red")
+    if chosen is not None:
+        r = rows[chosen]
+        _say(
+            console,
+            f"[bold green]chosen[/]: round {chosen + 1} (keep {r['keep_ratio']:.0%}): test acc {r['acc']:.2f}% "
+            f"({r['acc_change']:+.2f} vs unpruned {setup.acc:.2f}%), FLOPs -{r['flops_removed_pct']:.1f}%, "
+            f"params -{r['params_removed_pct']:.1f}%  ->  {chosen_copy}",
+        )
+    else:
+        _say(
+            console,
+            f"[bold yellow]no pruned network[/] stays within {pc.tolerance:g} points of the unpruned "
+            f"{setup.acc:.2f}%; keep the unpruned model ({setup.base_path})",
+        )
+    _say(console, f"results: {result.results_path}, plot: {result.plot_path}  ({result.seconds:.0f}s in all)")
+    return result
+
+
+def run_train(cfg: RunConfig, *, console: Console | None = None, progress: bool = True, distributed: bool = False) -> Setup:
+    """Only train (or reuse) and save the base model; under torchrun the data is sharded."""
+    return prepare(cfg, console=console, progress=progress, calibration=False, distributed=distributed)
+

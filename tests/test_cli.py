@@ -1,0 +1,245 @@
+"""Tests for the `pfp` command line and the shipped configs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pfp import data as D
+from pfp.cli import QUICKSTART, app, load_run_config, parse_sets
+from pfp.config import ConfigError, RunConfig, load_config
+from pfp.models import build_model
+from pfp.resources import count_flops
+from pfp.serialization import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+runner = CliRunner()
+
+
+def tiny_yaml(tmp_path: Path, **extra) -> Path:
+    raw = {
+        "name": "cli",
+        "device": "cpu",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {
+            "name": "synthetic", "synthetic_channels": 1, "synthetic_size": 16, "synthetic_train": 256,
+            "synthetic_test": 128, "batch_size": 64, "eval_batch_size": 128,
+        },
+        "model": {"name": "lenet5"},
+        "train": {"epochs": 1, "lr": 0.05, "amp": "off", "channels_last": "off"},
+        "retrain": {"epochs": 1, "lr": 0.02, "amp": "off", "channels_last": "off"},
+        "prune": {"keep_ratios": [0.5], "round_to": 1, "calib_size": 32, "holdout_size": 16},
+    }  # fmt: skip
+    raw.update(extra)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {
+        "quickstart.yaml", "fmnist_resnet20.yaml", "fmnist_resnet56.yaml", "cifar10_resnet56.yaml",
+        "cifar10_vgg16.yaml", "imagenet_resnet50.yaml",
+    } <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_names_a_real_model(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert path.read_text().startswith("#"), "each config starts with a comment saying what it is for"
+    assert cfg.retrain is not None and cfg.prune.keep_ratios
+    from pfp.models import available_models
+
+    assert cfg.model.name in available_models()
+    # overrides touch only the named section (no YAML anchors sharing train and retrain)
+    changed = load_config(path, {"train.epochs": 1})
+    assert changed.train.epochs == 1 and changed.retrain.epochs == cfg.retrain.epochs
+
+
+def test_quickstart_yaml_matches_the_embedded_defaults():
+    assert yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text()) == QUICKSTART
+    assert load_run_config(None) == load_config(REPO / "configs" / "quickstart.yaml")
+
+
+def test_published_schedules():
+    cifar = load_config(REPO / "configs" / "cifar10_resnet56.yaml")
+    for tc in (cifar.train, cifar.retrain):
+        assert (tc.epochs, tc.lr, tc.momentum, tc.weight_decay, tc.schedule, tc.milestones) == (
+            182, 0.1, 0.9, 1e-4, "step", [91, 136]
+        )
+    imagenet = load_config(REPO / "configs" / "imagenet_resnet50.yaml")
+    assert imagenet.model.name == "tv:resnet50" and imagenet.prune.round_to == 8
+    assert (imagenet.train.amp, imagenet.train.channels_last, imagenet.data.batch_size) == ("on", "on", 256)
+
+
+# --------------------------------------------------------------------------- --set parsing
+
+
+def test_parse_sets_uses_yaml_types():
+    assert parse_sets(["train.epochs=1", "prune.keep_ratios=[0.5, 0.3]", "name=x", "data.root=", "a.b=1.5e-3"]) == {
+        "train.epochs": 1, "prune.keep_ratios": [0.5, 0.3], "name": "x", "data.root": None, "a.b": 1.5e-3,
+    }  # fmt: skip
+    # YAML 1.1 reads 1e-3 as a string; the config's float fields still take it
+    assert load_run_config(None, parse_sets(["train.lr=1e-3"])).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_sets(["train.epochs"])
+
+
+def test_defaults_with_overrides():
+    cfg = load_run_config(None, {"train.epochs": 1, "prune.keep_ratios": [0.4]})
+    assert cfg.name == "quickstart" and cfg.train.epochs == 1 and cfg.prune.keep_ratios == [0.4]
+    assert cfg.retrain.epochs == QUICKSTART["retrain"]["epochs"]
+    with pytest.raises(ConfigError, match="<quickstart defaults>: field 'train.bogus': unknown key"):
+        load_run_config(None, {"train.bogus": 1})
+
+
+# --------------------------------------------------------------------------- validate / models
+
+
+def test_validate_bad_config_prints_one_line_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  epochs: 1\n  learning_rate: 0.1\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    lines = error_lines(result.output)
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "train.learning_rate" in lines[0] and "unknown key" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_validate_bad_value_and_bad_model(tmp_path):
+    result = runner.invoke(app, ["validate", str(tiny_yaml(tmp_path)), "--set", "prune.keep_ratios=[0.3, 0.5]"])
+    assert result.exit_code == 2 and "prune.keep_ratios" in result.output and "decreasing" in result.output
+    result = runner.invoke(app, ["validate", str(tiny_yaml(tmp_path, model={"name": "resnet21"}))])
+    assert result.exit_code == 2
+    assert len(error_lines(result.output)) == 1 and "unknown model 'resnet21'" in result.output
+    assert "resnet20" in result.output  # the closest names are suggested
+    result = runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "config file not found" in result.output
+
+
+def test_validate_ok(tmp_path):
+    result = runner.invoke(app, ["validate", str(tiny_yaml(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("OK: ")
+
+
+def test_models_lists_ours_and_torchvision():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "resnet20" in result.output and "lenet5" in result.output and "tv:resnet50" in result.output
+
+
+# --------------------------------------------------------------------------- run / compare errors
+
+
+def test_run_without_data_exits_2_with_the_data_message(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(D, "FASHION_MNIST_SEARCH_PATHS", [tmp_path / "nowhere"])
+    result = runner.invoke(
+        app, ["run", "--set", f"data.root={empty}", "--set", f"output_dir={tmp_path / 'runs'}", "--no-progress"]
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in error_lines(result.output) if line.startswith("error:")]
+    assert len(errors) == 1 and "Fashion-MNIST not found" in errors[0] and str(empty) in errors[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "quickstart" / "base.pt").exists()
+
+
+def test_run_bad_set_value_exits_2(tmp_path):
+    result = runner.invoke(app, ["run", str(tiny_yaml(tmp_path)), "--set", "train.epochs=many"])
+    assert result.exit_code == 2
+    assert len(error_lines(result.output)) == 1 and "train.epochs" in result.output
+    result = runner.invoke(app, ["run", str(tiny_yaml(tmp_path)), "--set", "train.epochs"])
+    assert result.exit_code == 2 and "key=value" in result.output
+
+
+def test_compare_unknown_method_exits_2(tmp_path):
+    result = runner.invoke(app, ["compare", str(tiny_yaml(tmp_path)), "--methods", "pfp,magic"])
+    assert result.exit_code == 2 and "unknown method 'magic'" in result.output
+    result = runner.invoke(app, ["compare", str(tiny_yaml(tmp_path)), "--reductions", "0.5,lots"])
+    assert result.exit_code == 2 and "--reductions" in result.output
+
+
+def test_pretrained_checkpoint_error_names_the_file(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 10)
+    result = runner.invoke(app, ["run", str(tiny_yaml(tmp_path, model={"name": "lenet5", "pretrained_checkpoint": str(junk)}))])
+    assert result.exit_code == 2
+    errors = [line for line in error_lines(result.output) if line.startswith("error:")]
+    assert len(errors) == 1 and "junk.pt" in errors[0]
+
+
+# --------------------------------------------------------------------------- train + prune end to end
+
+
+def test_train_then_prune_a_checkpoint(tmp_path):
+    cfg = tiny_yaml(tmp_path)
+    result = runner.invoke(app, ["train", str(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    base = tmp_path / "runs" / "cli" / "base.pt"
+    assert base.exists()
+    assert not list((tmp_path / "runs" / "cli").glob("round_*"))
+
+    out = tmp_path / "pruned.pt"
+    result = runner.invoke(app, ["prune", str(base), "--config", str(cfg), "--keep", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    model, info = load_model(out, build_model)
+    base_model, _ = load_model(base, build_model)
+    x = torch.zeros(1, 1, 16, 16)
+    ratio = count_flops(model, x) / count_flops(base_model, x)
+    assert 0.45 <= ratio <= 0.5001
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["method"] == "pfp" and report["flops"] == count_flops(model, x)
+    assert info["meta"]["keep_ratio"] == 0.5 and "per-layer" in result.output
+
+    # prune the pruned model further, relative to the original network
+    out2 = tmp_path / "pruned2.pt"
+    result = runner.invoke(
+        app, ["prune", str(out), "-c", str(cfg), "--keep", "0.3", "--out", str(out2), "--of-original", "--no-eval",
+              "--method", "ft"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    again, _ = load_model(out2, build_model)
+    assert count_flops(again, x) <= 0.3 * count_flops(base_model, x) * 1.001
+
+    result = runner.invoke(app, ["prune", str(base), "-c", str(cfg), "--keep", "0.001", "--out", str(tmp_path / "no.pt")])
+    assert result.exit_code == 2
+    errors = [line for line in error_lines(result.output) if line.startswith("error:")]
+    assert len(errors) == 1 and "below the smallest reachable" in errors[0]
+    assert not (tmp_path / "no.pt").exists()
+
+
+def test_torchrun_train_two_processes(tmp_path):
+    cfg = tiny_yaml(tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", "--nproc_per_node=2", "-m", "pfp.cli", "train", str(cfg), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1, "only rank 0 reports and saves"
+    base = tmp_path / "runs" / "cli" / "base.pt"
+    _, info = load_model(base, build_model)
+    assert info["meta"]["world_size"] == 2
+    # a single-process run of the same config reuses what torchrun trained
+    result = runner.invoke(app, ["train", str(cfg), "--no-progress"])
+    assert result.exit_code == 0 and "reusing" in result.output
