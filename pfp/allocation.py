@@ -64,18 +64,33 @@ def round_count(k: int, size: int, multiple: int, minimum: int) -> int:
     return k
 
 
-def pfp_counts(stats: list[GroupStats], eps: float, delta: float, multiple: int = 1, minimum: int = 1) -> list[int]:
-    """k_g(eps) for every group."""
+def pfp_counts(stats: list[GroupStats], eps: float, delta: float, multiple: int = 1, minimum: int = 1,
+               eps_scale: list[float] | None = None) -> list[int]:
+    """k_g(eps * eps_scale[g]) for every group (eps_scale: all ones is the paper's one eps)."""
     out = []
-    for g in stats:
+    for gi, g in enumerate(stats):
+        eps_g = eps * (eps_scale[gi] if eps_scale else 1.0)
         S = g.mass
         if S <= 0:  # no measured mass at all: nothing to protect, keep the minimum
             out.append(round_count(minimum, g.size, multiple, minimum))
             continue
-        m = sample_size(g, eps, delta)
+        m = sample_size(g, eps_g, delta)
         k = math.ceil(expected_distinct(g.sensitivity / S, m) - 1e-9)
         out.append(round_count(k, g.size, multiple, minimum))
     return out
+
+
+def cost_scales(costs: list[float], exponent: float) -> list[float]:
+    """eps_g / eps = (cost per channel of g / geometric mean cost) ** exponent.
+
+    exponent 0 is the paper's single tolerance; > 0 gives layers whose channels cost more of
+    the budgeted resource a looser tolerance, so cheap layers are not cut for nothing.
+    """
+    if exponent == 0 or not costs:
+        return [1.0] * len(costs)
+    logs = [math.log(max(c, 1e-12)) for c in costs]
+    mean = sum(logs) / len(logs)
+    return [math.exp(exponent * (l - mean)) for l in logs]
 
 
 def uniform_counts(sizes: list[int], ratio: float, multiple: int = 1, minimum: int = 1) -> list[int]:

@@ -162,7 +162,7 @@ def _reweight(g: ChannelGroup, kept: torch.Tensor, scale: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- coverage
 def _coverage(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torch.Tensor],
-              scale: dict[int, torch.Tensor], eps: float, loader, device) -> dict[int, float]:
+              scale: dict[int, torch.Tensor], eps: dict[int, float], loader, device) -> dict[int, float]:
     """Share of held-out (point, unit, position) pre-activations within (1 +/- eps), per group.
 
     Layer by layer, as the guarantee is stated: each consumer gets the unpruned network's
@@ -170,6 +170,7 @@ def _coverage(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torc
     """
     masks: dict[str, torch.Tensor] = {}
     consumers: dict[str, nn.Module] = {}
+    tol: dict[str, float] = {}
     for g in groups:
         if g.gid not in keep:
             continue
@@ -180,6 +181,8 @@ def _coverage(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torc
             m = masks.setdefault(c.name, torch.ones(dim))
             m[c.in_idxs] = per_channel[c.root_idxs]
             consumers[c.name] = c.module
+            # a consumer reading several groups is held to the tightest of their tolerances
+            tol[c.name] = min(tol.get(c.name, float("inf")), eps[g.gid])
     hits: dict[str, list[float]] = {n: [0.0, 0.0] for n in consumers}
 
     def hook(name):
@@ -193,7 +196,7 @@ def _coverage(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torc
             else:
                 z = F.linear(a, mod.weight)
                 zh = F.linear(a * mk, mod.weight)
-            ok = (zh - z).abs() <= eps * z.abs() + 1e-12
+            ok = (zh - z).abs() <= tol[name] * z.abs() + 1e-12
             hits[name][0] += float(ok.sum())
             hits[name][1] += ok.numel()
 
@@ -322,10 +325,14 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         )
     current = resource(sizes)
     eps = None
+    scales = [1.0] * len(groups)
     if current <= target_value:  # already small enough: nothing to remove
         counts = sizes
     elif cfg.method == "pfp":
-        sol = alloc.solve(lambda e: alloc.pfp_counts(stats, e, cfg.delta, mult, mn), resource, target_value,
+        full = resource(sizes)
+        costs = [full - resource([n - 1 if h is g else n for h, n in zip(groups, sizes)]) for g in groups]
+        scales = alloc.cost_scales(costs, cfg.cost_exponent)
+        sol = alloc.solve(lambda e: alloc.pfp_counts(stats, e, cfg.delta, mult, mn, scales), resource, target_value,
                           1e-8, 1e12, log_scale=True, decreasing=True, iters=80)
         counts, eps = sol.counts, sol.knob
     elif cfg.method in UNIFORM:
@@ -346,6 +353,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     keep: dict[int, torch.Tensor] = {}
     weight_scale: dict[int, torch.Tensor] = {}
     layers = []
+    eps_of = {g.gid: eps * sc for g, sc in zip(groups, scales)} if eps is not None else {}
     for g, k in zip(groups, counts):
         s = scores[g.gid].double()
         if cfg.method == "pfp" and cfg.selection == "randomized" and k < g.size and s.sum() > 0:
@@ -353,16 +361,16 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
             keep[g.gid], weight_scale[g.gid] = kept, scl
         else:
             keep[g.gid] = torch.topk(s, k).indices.sort().values
-        row = {"name": g.name, "size": g.size, "kept": int(len(keep[g.gid])), "eps": eps,
+        row = {"name": g.name, "size": g.size, "kept": int(len(keep[g.gid])), "eps": eps_of.get(g.gid),
                "delta": cfg.delta if cfg.method == "pfp" else None, "m": None, "S": None, "coverage": None}
         if cfg.method == "pfp":
             st = stats[groups.index(g)]
             row["S"] = st.mass
-            row["m"] = alloc.sample_size(st, eps, cfg.delta) if eps else None
+            row["m"] = alloc.sample_size(st, eps_of[g.gid], cfg.delta) if eps else None
         layers.append(row)
 
     if cfg.method == "pfp" and eps is not None and holdout_loader is not None:
-        cov = _coverage(model, groups, keep, weight_scale, eps, holdout_loader, device)
+        cov = _coverage(model, groups, keep, weight_scale, eps_of, holdout_loader, device)
         for g, row in zip(groups, layers):
             row["coverage"] = cov.get(g.gid)
 
