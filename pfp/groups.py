@@ -51,6 +51,7 @@ class ChannelGroup:
     # (module name, "in"|"out", number of that dim's indices in this group): the resource model
     members: list[tuple[str, str, int]]
     tp_group: object = field(repr=False, default=None)
+    norms: list[Producer] = field(default_factory=list)  # BatchNorm entries on the channels
 
     @property
     def name(self) -> str:
@@ -110,7 +111,7 @@ class PruningGraph:
     def _extract(self, ignored: list[nn.Module]) -> list[ChannelGroup]:
         groups = []
         for tpg in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=SCORABLE):
-            producers, consumers, unscorable, members = [], [], [], []
+            producers, consumers, unscorable, members, norms = [], [], [], [], []
             skip_reason = None
             for item in tpg.items:
                 dep, idxs = item.dep, item.idxs
@@ -132,6 +133,8 @@ class PruningGraph:
                 members.append((name, "out" if is_out else "in", len(idxs)))
                 if is_out and isinstance(mod, SCORABLE):
                     producers.append(Producer(name, mod, idx_t, root_t))
+                elif is_out and isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine:
+                    norms.append(Producer(name, mod, idx_t, root_t))
                 elif not is_out:
                     if isinstance(mod, SCORABLE):
                         consumers.append(Consumer(name, mod, idx_t, root_t))
@@ -155,6 +158,7 @@ class PruningGraph:
                     unscorable=unscorable,
                     members=members,
                     tp_group=tpg,
+                    norms=norms,
                 )
             )
         return groups

@@ -245,11 +245,13 @@ class SoftPruner:
                     continue
                 drop = torch.ones(g.size, dtype=torch.bool)
                 drop[keep[g.gid]] = False
-                for p in g.producers:
-                    rows = p.out_idxs[drop[p.root_idxs]]
-                    p.module.weight[rows.to(p.module.weight.device)] = 0
+                # zeroing the BatchNorm affine too makes the channel output exactly 0, as after
+                # removal; zeroed conv filters alone would leave BN's shift -gamma*mean/std + beta
+                for p in g.producers + g.norms:
+                    rows = p.out_idxs[drop[p.root_idxs]].to(p.module.weight.device)
+                    p.module.weight[rows] = 0
                     if p.module.bias is not None:
-                        p.module.bias[rows.to(p.module.weight.device)] = 0
+                        p.module.bias[rows] = 0
 
     def callback(self, epoch: int, model: nn.Module) -> None:
         """Epoch callback for pfp.train.train: filters stay trainable, the weakest are re-zeroed."""
