@@ -42,13 +42,15 @@ def alpha(kernel: int, positions: int, delta: float, c: float = C_CONST) -> floa
 
 def sample_size(g: GroupStats, eps: float, delta: float) -> float:
     """m_g(eps) = ceil(3 (6 + 2 eps) alpha_g S_g / eps^2)."""
-    return math.ceil(3 * (6 + 2 * eps) * alpha(g.kernel, g.positions, delta) * g.mass / eps**2)
+    # a float: at tiny eps m exceeds 2**63, which torch cannot take as an integer scalar
+    return float(math.ceil(3 * (6 + 2 * eps) * alpha(g.kernel, g.positions, delta) * g.mass / eps**2))
 
 
 def expected_distinct(p: torch.Tensor, m: float) -> float:
     """E[#distinct channels] after m i.i.d. draws from p: sum_j 1 - (1 - p_j)^m."""
     if m <= 0:
         return 0.0
+    m = float(m)
     p = p.double()
     return float((1 - torch.exp(m * torch.log1p(-p.clamp(max=1 - 1e-15)))).sum())
 

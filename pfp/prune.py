@@ -129,7 +129,11 @@ def _randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Te
     """
     p = (s / s.sum()).double()
     n_pos = int((p > 0).sum())
-    k = min(k, n_pos)
+    if k >= n_pos:
+        # E[#distinct] only reaches n_pos as m' grows without bound; its limit keeps every
+        # channel with mass, each scaled by count/(m' p) -> 1
+        kept = torch.nonzero(p > 0).flatten()
+        return kept, torch.ones(len(kept), dtype=torch.float64)
     lo, hi = 0.0, 1.0
     while alloc.expected_distinct(p, hi) < k - 1e-6 and hi < 1e12:
         hi *= 2
@@ -368,7 +372,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         if cfg.method == "pfp":
             st = stats[groups.index(g)]
             row["S"] = st.mass
-            row["m"] = alloc.sample_size(st, eps_of[g.gid], cfg.delta) if eps else None
+            row["m"] = int(alloc.sample_size(st, eps_of[g.gid], cfg.delta)) if eps else None
         layers.append(row)
 
     if cfg.method == "pfp" and eps is not None and holdout_loader is not None:
