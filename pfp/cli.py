@@ -25,11 +25,10 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 import yaml
-from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
-from pfp.config import ConfigError, RunConfig, _format_error, load_config
+from pfp.config import ConfigError, RunConfig, config_from_dict, load_config
 from pfp.data import DataFormatError, DataNotFoundError
 from pfp.serialization import CheckpointError
 
@@ -140,19 +139,7 @@ def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConf
     """The config at `path` (or the quickstart defaults) with dotted-key overrides applied."""
     if path is not None:
         return load_config(path, overrides)
-    raw = copy.deepcopy(QUICKSTART)
-    for key, value in (overrides or {}).items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: '{part}' is not a section")
-        node[parts[-1]] = value
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, "<quickstart defaults>")) from None
+    return config_from_dict(copy.deepcopy(QUICKSTART), "<quickstart defaults>", overrides)
 
 
 def _check_model_name(name: str) -> None:

@@ -173,6 +173,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping")
+    return config_from_dict(raw, source, overrides)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None = None) -> RunConfig:
+    """Validate a config given as a mapping (changed in place by the overrides)."""
     for key, value in (overrides or {}).items():
         node = raw
         parts = key.split(".")

@@ -15,12 +15,7 @@ from pfp.resources import ResourceModel, count_flops, count_params
 from pfp.sensitivity import conv_sensitivity, linear_sensitivity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConcatNet(nn.Module):

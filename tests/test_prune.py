@@ -25,13 +25,7 @@ METHODS = ["pfp", "ft", "sfp", "fpgm", "hrank", "random", "tp_magnitude", "tp_ta
 X1 = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(123))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small layers, many small ops: intra-op threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
