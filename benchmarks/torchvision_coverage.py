@@ -82,6 +82,8 @@ def main() -> None:
             size = 224
         elif name == "inception_v3":  # its stem needs at least 75 px
             size = max(size, 96)
+        elif name == "vit_h_14":  # patch size 14
+            size = 56
         cmd = [sys.executable, __file__, "--one", name, "--size", str(size), "--keep", str(args.keep),
                "--points", str(args.points)]
         try:

@@ -283,7 +283,15 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     start = time.perf_counter()
     model = copy.deepcopy(model).to(device).eval()
     example_input = example_input[:1].to(device)
-    graph = PruningGraph(model, example_input, cfg.ignore_layers)
+    try:
+        graph = PruningGraph(model, example_input, cfg.ignore_layers)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Torch-Pruning's tracer fails in many ways on unusual graphs
+        raise PruneError(
+            f"Torch-Pruning cannot build the dependency graph of this model "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it cannot be pruned"
+        ) from e
     rm = ResourceModel(model, example_input, graph.groups)
     ref_params, ref_flops = reference or (rm.total_params, rm.total_flops)
     target_value = keep_ratio * (ref_flops if cfg.target == "flops" else ref_params)
@@ -397,6 +405,12 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     for gid, scl in weight_scale.items():
         _reweight(next(g for g in groups if g.gid == gid), keep[gid], scl)
     graph.prune(keep)
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except Exception as e:  # noqa: BLE001 - e.g. a reshape with a hard-coded width (ViT's hidden_dim)
+        raise PruneError(f"the pruned model no longer runs ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"add the layer that hard-codes its width to prune.ignore_layers") from e
     report.params = count_params(model)
     report.flops = count_flops(model, example_input)
     report.seconds = time.perf_counter() - start
