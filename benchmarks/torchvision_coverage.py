@@ -14,7 +14,6 @@ import subprocess
 import sys
 import logging
 import time
-import traceback
 
 import torch
 import torchvision

@@ -503,7 +503,7 @@ def prune_and_retrain(
     _say(console, f"      retraining {rcfg.epochs} epoch{'' if rcfg.epochs == 1 else 's'}" + ("  (resuming from retrain.ckpt)" if ckpt.exists() else ""))
     start = time.perf_counter()
     try:
-        result = train(
+        train(
             pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
             checkpoint_path=ckpt, resume=True, progress=progress, log=_epoch_logger(console, rcfg.epochs),
         )  # fmt: skip
@@ -511,7 +511,7 @@ def prune_and_retrain(
         _say(console, f"      note: {e}; retraining from the start", style="yellow")
         _drop_checkpoint(ckpt)
         ckpt = _checkpoint(out / "retrain.ckpt", key)
-        result = train(
+        train(
             pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
             checkpoint_path=ckpt, resume=False, progress=progress, log=_epoch_logger(console, rcfg.epochs),
         )  # fmt: skip
