@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .hooks import eval_mode
+
 log = logging.getLogger(__name__)
 
 SCORABLE = (nn.Conv2d, nn.Linear)
@@ -70,15 +72,8 @@ def find_output_layer(model: nn.Module, example_input: torch.Tensor) -> str | No
         for n, m in model.named_modules()
         if isinstance(m, SCORABLE)
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with eval_mode(model, hooks), torch.no_grad():
+        model(example_input)
     return order[-1] if order else None
 
 
@@ -97,13 +92,8 @@ class PruningGraph:
         if self.output_layer:
             ignored.append(names[self.output_layer])
         self.ignored_names = set(ignore_layers) | ({self.output_layer} if self.output_layer else set())
-        was_training = model.training
-        model.eval()
-        with torch.enable_grad():
-            self.dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input, verbose=False
-            )
-        model.train(was_training)
+        with eval_mode(model), torch.enable_grad():  # Torch-Pruning traces through autograd
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
         self._names = {m: n for n, m in model.named_modules()}
         self.skipped: list[tuple[str, str]] = []
         self.groups = self._extract(ignored)
@@ -165,6 +155,7 @@ class PruningGraph:
 
     def prune(self, keep: dict[int, torch.Tensor]) -> None:
         """Remove, physically, every channel of group gid not listed in keep[gid]."""
+        modules = dict(self.model.named_modules())  # removal resizes modules in place: names stay valid
         for g in self.groups:
             if g.gid not in keep:
                 continue
@@ -172,7 +163,7 @@ class PruningGraph:
             drop = [i for i in range(g.size) if i not in kept]
             if not drop:
                 continue
-            root = dict(self.model.named_modules())[g.root_name]
+            root = modules[g.root_name]
             pruner = self.dg.get_pruner_of_module(root)
             # the root's own out-channel indices are untouched by other groups' removals
             group = self.dg.get_pruning_group(root, pruner.prune_out_channels, drop)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from .groups import ChannelGroup
+from .hooks import eval_mode
 from .sensitivity import conv_sensitivity, kernel_positions, linear_sensitivity
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,11 @@ def pfp_sensitivity(model: nn.Module, groups: list[ChannelGroup], calib_loader, 
         for c in g.consumers:
             plans.setdefault(c.name, _ConsumerPlan(c.module)).add(g.gid, c.in_idxs, c.root_idxs)
     handles = [p.module.register_forward_pre_hook(p.hook(mode)) for p in plans.values()]
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for x, _ in _batches(calib_loader, device):
-                model(x)
-                result.points += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        for x, _ in _batches(calib_loader, device):
+            model(x)
+            result.points += x.shape[0]
     result.seconds = time.perf_counter() - start
     for g in scorable:
         s = torch.zeros(g.size, dtype=torch.float64)
@@ -167,17 +161,10 @@ def hrank_scores(model: nn.Module, groups: list[ChannelGroup], calib_loader, dev
             sums[gid] = r if gid not in sums else sums[gid] + r
 
         handles.append(root.module.register_forward_hook(fn))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, _ in _batches(calib_loader, device):
-                model(x)
-                count[0] += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        for x, _ in _batches(calib_loader, device):
+            model(x)
+            count[0] += x.shape[0]
     l1 = norm_scores(groups, 1)
     out = {}
     for g in groups:
@@ -195,12 +182,10 @@ def tp_scores(model: nn.Module, groups: list[ChannelGroup], kind: str, calib_loa
         imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
     else:
         imp = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer="mean")
-        was_training = model.training
-        model.eval()
         model.zero_grad(set_to_none=True)
-        for x, y in _batches(calib_loader, device):
-            F.cross_entropy(model(x), y).backward()
-        model.train(was_training)
+        with eval_mode(model):
+            for x, y in _batches(calib_loader, device):
+                F.cross_entropy(model(x), y).backward()
     with torch.no_grad():
         out = {g.gid: imp(g.tp_group).detach().double().cpu() for g in groups}
     model.zero_grad(set_to_none=True)

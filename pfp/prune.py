@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import allocation as alloc
 from .config import PruneConfig
 from .groups import ChannelGroup, PruningGraph
+from .hooks import eval_mode
 from .importance import (
     fpgm_scores,
     hrank_scores,
@@ -108,15 +109,8 @@ def calibration_size(model: nn.Module, example_input: torch.Tensor, delta: float
         for m in model.modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input[:1])
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with eval_mode(model, hooks), torch.no_grad():
+        model(example_input[:1])
     return alloc.calibration_size(sum(counts), max(counts), delta)
 
 
@@ -206,16 +200,9 @@ def _coverage(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torc
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in consumers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                model(batch[0].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model, handles), torch.no_grad():
+        for batch in loader:
+            model(batch[0].to(device))
     out = {}
     for g in groups:
         vals = [hits[c.name][0] / hits[c.name][1] for c in g.consumers if c.name in hits and hits[c.name][1]]

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .groups import ChannelGroup, is_depthwise
+from .hooks import eval_mode
 
 
 def count_params(model: nn.Module) -> int:
@@ -23,11 +24,8 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass on example_input (batch 1 expected), torch's counter."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(example_input)
-    model.train(was_training)
     return int(counter.get_total_flops())
 
 
@@ -52,15 +50,8 @@ def _layer_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int
         for n, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-        model.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
+    with eval_mode(model, hooks), torch.no_grad():
+        model(example_input)
     return dict(flops)
 
 
