@@ -156,17 +156,15 @@ def reference_sensitivity(a: torch.Tensor, conv_or_linear: nn.Module, units: tor
                 chans = range(gi * cin_g, (gi + 1) * cin_g)
                 wi = w[i].reshape(cin_g, kh * kw)
                 for sign in (1, -1):
-                    ws = (wi * sign).clamp(min=0) * sign
-                    contrib = torch.stack([
-                        (ws[jj].unsqueeze(-1) * cols[n, j]).sum(0) if mode == "sum"
-                        else (ws[jj].unsqueeze(-1) * cols[n, j]).max(0).values * (1 if sign > 0 else 1)
-                        for jj, j in enumerate(chans)
-                    ])  # [cin_g, P]
+                    ws = (wi * sign).clamp(min=0) * sign  # W+ or W-, signs kept: the literal formula
+                    # a channel's share over its kernel offsets: summed, or the largest single
+                    # one (most negative for W-)
+                    if mode == "sum":
+                        share = lambda t: t.sum(0)  # noqa: E731
+                    else:
+                        share = lambda t: t.max(0).values if sign > 0 else t.min(0).values  # noqa: E731
+                    contrib = torch.stack([share(ws[jj].unsqueeze(-1) * cols[n, j]) for jj, j in enumerate(chans)])
                     total = (ws.unsqueeze(-1) * cols[n, gi * cin_g:(gi + 1) * cin_g]).sum((0, 1))
-                    if mode == "max_offset" and sign < 0:
-                        contrib = torch.stack([
-                            (ws[jj].unsqueeze(-1) * cols[n, j]).min(0).values for jj, j in enumerate(chans)
-                        ])
                     ratio = torch.where(total.abs() > EPS, contrib / total, torch.zeros(()).double())
                     for jj, j in enumerate(chans):
                         s[j] = max(s[j], ratio[jj].max().item())
