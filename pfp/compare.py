@@ -28,8 +28,10 @@ from pfp.pipeline import (
     _say,
     _step_key,
     _write_json,
+    new_axes,
     prepare,
     prune_and_retrain,
+    save_figure,
 )
 
 __all__ = ["run_compare", "CSV_FIELDS"]
@@ -67,12 +69,7 @@ def _table(rows: list[dict], setup: Setup, name: str) -> Table:
 
 
 def _plot(rows: list[dict], base_acc: float, name: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = new_axes()
     markers = "osD^v<>PX*"
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, m in enumerate(methods):
@@ -83,12 +80,7 @@ def _plot(rows: list[dict], base_acc: float, name: str, path: Path) -> Path:
     ax.set_xlabel("FLOPs removed (%)")
     ax.set_ylabel("test accuracy after retraining (%)")
     ax.set_title(f"{name}: methods compared")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def run_compare(

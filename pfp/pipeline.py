@@ -646,18 +646,35 @@ def _cascade_table(result: CascadeResult, target: str) -> Table:
     return t
 
 
-def _plot_cascade(result: CascadeResult, path: Path) -> Path | None:
+def new_axes():
+    """A figure and axes on the file-only Agg backend (no display on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6.4, 4.2))
+
+
+def save_figure(fig, ax, path: Path) -> Path:
+    """Grid, legend, tight layout; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_cascade(result: CascadeResult, path: Path) -> Path | None:
     rows = [r for r in result.rounds if not r.get("error")]
     base = result.base
     xs = [100.0] + [100.0 - r["flops_removed_pct"] for r in rows]
     after = [base["acc"]] + [r["acc"] for r in rows]
     before = [r["acc_before_retrain"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = new_axes()
     ax.plot(xs, after, "o-", label="after retraining")
     if rows:
         ax.plot(xs[1:], before, "x--", color="gray", alpha=0.7, label="before retraining")
@@ -670,12 +687,7 @@ def _plot_cascade(result: CascadeResult, path: Path) -> Path | None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{result.name}: {rows[0]['method'] if rows else ''} cascade")
     ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def run_cascade(cfg: RunConfig, *, console: Console | None = None, progress: bool = True) -> CascadeResult:
