@@ -101,13 +101,16 @@ def _one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Expected failures -> one red line on stderr and exit status 2 (PFP_DEBUG=1: traceback)."""
+def _errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Expected failures -> one red line on stderr and exit status 2 (PFP_DEBUG=1: traceback).
+
+    `extra`: further exception types that commands built on this app expect.
+    """
     from pfp.prune import PruneError  # a ValueError too; named for readers
 
     try:
         yield
-    except (PruneError, *EXPECTED_ERRORS) as e:
+    except (PruneError, *EXPECTED_ERRORS, *extra) as e:
         if os.environ.get("PFP_DEBUG"):
             raise
         Console(stderr=True).print(Text(f"error: {_one_line(e)}", style="bold red"), soft_wrap=True)

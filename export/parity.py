@@ -1,0 +1,128 @@
+"""Parity of an exported model against the PyTorch model it came from.
+
+Both run on the same real inputs (the test set); the report gives the largest absolute
+logit difference and the share of samples whose top-1 class agrees. Over tolerance is an
+error (ParityError), never a warning: a deployable artifact that disagrees with the model
+that was evaluated is not that model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+# Reduced precisions change logits by design; what must survive is the decision.
+DEFAULT_TOLERANCES: dict[str, tuple[float | None, float]] = {
+    "fp32": (1e-3, 0.999),
+    "fp16": (5e-2, 0.99),
+    "int8": (None, 0.97),
+}
+
+
+class ParityError(ValueError):
+    """The exported model's outputs differ from PyTorch's beyond tolerance."""
+
+
+@dataclass
+class ParityReport:
+    """Side-by-side outputs of PyTorch and one backend on the same samples."""
+
+    backend: str
+    precision: str
+    samples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    max_abs_tolerance: float | None
+    min_top1_agreement: float
+
+    @property
+    def passed(self) -> bool:
+        ok_abs = self.max_abs_tolerance is None or self.max_abs_diff <= self.max_abs_tolerance
+        return ok_abs and self.top1_agreement >= self.min_top1_agreement
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def summary(self) -> str:
+        return (
+            f"{self.backend} {self.precision}: max |diff| {self.max_abs_diff:.2e}, "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}% on {self.samples} samples"
+        )
+
+
+def tolerances(precision: str, max_abs: float | None = None, min_top1: float | None = None) -> tuple[float | None, float]:
+    """(max abs diff, min top-1 agreement) for `precision`, with explicit overrides."""
+    default_abs, default_top1 = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+    return (max_abs if max_abs is not None else default_abs, min_top1 if min_top1 is not None else default_top1)
+
+
+def compare_outputs(
+    model: nn.Module,
+    run: Callable[[np.ndarray], np.ndarray],
+    batches: Iterable[torch.Tensor],
+    *,
+    backend: str,
+    precision: str = "fp32",
+    max_abs: float | None = None,
+    min_top1: float | None = None,
+    limit: int | None = None,
+) -> ParityReport:
+    """Run `model` (PyTorch, CPU) and `run` (the backend) on `batches` and compare.
+
+    `batches` yields input tensors (N, C, H, W); at most `limit` samples are used.
+    """
+    model = model.eval().cpu()
+    tol_abs, tol_top1 = tolerances(precision, max_abs, min_top1)
+    n = agree = 0
+    max_diff = sum_diff = 0.0
+    for x in batches:
+        if limit is not None and n >= limit:
+            break
+        if limit is not None:
+            x = x[: limit - n]
+        x = x.float().cpu()
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = np.asarray(run(np.ascontiguousarray(x.numpy())), dtype=np.float32)
+        if out.shape != ref.shape:
+            raise ParityError(f"{backend}: output shape {list(out.shape)} differs from PyTorch's {list(ref.shape)}")
+        diff = np.abs(out - ref)
+        max_diff = max(max_diff, float(diff.max()))
+        sum_diff += float(diff.mean()) * len(x)
+        agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        n += len(x)
+    if n == 0:
+        raise ParityError(f"{backend}: no samples to compare")
+    return ParityReport(
+        backend=backend, precision=precision, samples=n,
+        max_abs_diff=max_diff, mean_abs_diff=sum_diff / n, top1_agreement=agree / n,
+        max_abs_tolerance=tol_abs, min_top1_agreement=tol_top1,
+    )
+
+
+def require_parity(report: ParityReport, artifact: str | Path) -> ParityReport:
+    """`report` if it passed, else ParityError naming the artifact and what was off."""
+    if report.passed:
+        return report
+    problems = []
+    if report.max_abs_tolerance is not None and report.max_abs_diff > report.max_abs_tolerance:
+        problems.append(f"max |diff| {report.max_abs_diff:.3g} > {report.max_abs_tolerance:.3g}")
+    if report.top1_agreement < report.min_top1_agreement:
+        problems.append(
+            f"top-1 agreement {100 * report.top1_agreement:.2f}% < {100 * report.min_top1_agreement:.2f}%"
+        )
+    raise ParityError(
+        f"{artifact}: {report.backend} {report.precision} output differs from PyTorch on "
+        f"{report.samples} samples: {'; '.join(problems)}"
+    )
+
+
+def save_reports(path: str | Path, reports: list[ParityReport]) -> None:
+    """Write the reports as JSON."""
+    Path(path).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
