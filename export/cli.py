@@ -1,0 +1,100 @@
+"""`pfp export` and `pfp bench`, added to pfp's command line.
+
+pfp itself never imports export code, so the commands that need it are registered here
+and the console script points at this module's `app` (the same Typer app, extended).
+
+    pfp export MODEL --out DIR [--config CONFIG] [--backends ort-cpu,tensorrt] [--precisions fp32,fp16]
+    pfp bench DIR [DIR ...] [--backends ort-cpu] [--batch 1,8,32] [--threads N] [--json FILE]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from export.backends.base import BackendUnavailable
+from pfp.cli import _errors, _split, app, load_run_config, parse_sets, ConfigArg, SetOpt  # noqa: F401
+
+EXPORT_ERRORS = (BackendUnavailable,)
+
+
+def _export_extra(bundle_dir: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
+                  cfg, data, parity_samples: int, console: Console) -> list:
+    """Build every requested (backend, precision) from the bundle and check its parity."""
+    from export.backends import BuildSpec, get_backend
+    from export.bundle import add_parity, load_bundle
+    from export.inputs import calibration_inputs, test_batches
+    from export.parity import compare_outputs, require_parity
+    from pfp.models import build_model
+    from pfp.serialization import load_model
+
+    bundle = load_bundle(bundle_dir)
+    model, _ = load_model(bundle.checkpoint, build_model)
+    calibration = None
+    reports = []
+    for name in backends:
+        backend = get_backend(name)
+        backend.check_available()
+        for precision in precisions:
+            if (name, precision) == ("ort-cpu", "fp32"):
+                continue  # checked by the export itself
+            if precision == "int8" and calibration is None:
+                calibration = calibration_inputs(data, n=512, seed=cfg.seed)
+            spec = BuildSpec(precision=precision, batch_sizes=batch_sizes, calibration=calibration,
+                             workdir=bundle_dir / "build")
+            runner = backend.load(bundle, spec)
+            report = compare_outputs(model, runner.run, test_batches(data), backend=name, precision=precision,
+                                     limit=parity_samples)
+            console.print(f"  parity {report.summary()}  ({runner.artifact})", highlight=False)
+            reports.append(report)
+            add_parity(bundle_dir, [report])
+            require_parity(report, runner.artifact or bundle.onnx)
+    return reports
+
+
+@app.command("export")
+def export_cmd(
+    model_file: Annotated[Path, typer.Argument(help="a model saved by pfp (base.pt, round_*/model.pt, ...)")],
+    out: Annotated[Path, typer.Option(help="bundle folder to write (model.onnx, model.pt, export.json)")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config naming the data set for parity (default: quickstart's)")] = None,
+    backends: Annotated[str, typer.Option(help="also build and check these backends, e.g. ort-cpu,tensorrt")] = "ort-cpu",
+    precisions: Annotated[str, typer.Option(help="fp32, fp16, int8 (comma-separated)")] = "fp32",
+    batch: Annotated[str, typer.Option(help="batch sizes engines are built for")] = "1,8,32",
+    parity_samples: Annotated[int, typer.Option(help="test-set samples compared against PyTorch")] = 1000,
+    simplify: Annotated[bool, typer.Option(help="simplify the graph with onnxslim")] = False,
+    exporter: Annotated[str, typer.Option(help="dynamo (torch.export) or torchscript")] = "dynamo",
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    set_: SetOpt = None,
+) -> None:
+    """Export a model to ONNX (dynamic batch), check it, and compare it with PyTorch on the test set."""
+    with _errors(EXPORT_ERRORS):
+        from export.bundle import export_bundle
+        from export.inputs import check_fits, test_batches
+        from pfp.pipeline import load_data
+        from pfp.serialization import CheckpointError, load_model
+        from pfp.models import build_model
+
+        if exporter not in ("dynamo", "torchscript"):
+            raise typer.BadParameter(f"--exporter {exporter!r}: dynamo or torchscript")
+        if parity_samples < 1:
+            raise CheckpointError(f"--parity-samples {parity_samples}: must be at least 1")
+        cfg = load_run_config(config, parse_sets(set_))
+        console = Console()
+        _, info = load_model(model_file, build_model)
+        data = load_data(cfg, console)
+        check_fits(info["spec"], data, str(model_file))
+        console.print(f"[bold]export[/] {model_file} -> {out}/model.onnx ({exporter}, opset {opset})")
+        _, meta = export_bundle(model_file, out, test_batches(data), parity_samples=parity_samples,
+                                opset=opset, exporter=exporter, simplify=simplify)
+        p = meta["parity"][0]
+        console.print(
+            f"  onnx.checker OK; {meta['onnx']['nodes']} nodes; parity ort-cpu fp32: max |diff| "
+            f"{p['max_abs_diff']:.2e}, top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['samples']} test images",
+            highlight=False,
+        )
+        _export_extra(out, _split(backends, "backends"), _split(precisions, "precisions"),
+                      _split(batch, "batch", int), cfg, data, parity_samples, console)
+        console.print(f"wrote {out}/ (model.onnx, model.pt, export.json)")
