@@ -48,7 +48,7 @@ def export_bundle(
     opset: int = 18,
     exporter: str = "dynamo",
     simplify: bool = False,
-    max_abs: float | None = None,
+    max_rel: float | None = None,
     min_top1: float | None = None,
 ) -> tuple[ModelBundle, dict]:
     """Export the pfp model file `checkpoint` to a bundle folder `out_dir`.
@@ -85,7 +85,7 @@ def export_bundle(
         runner = OrtBackend("cpu").load(bundle, BuildSpec(precision="fp32", batch_sizes=(1,)))
         report = compare_outputs(
             model, runner.run, parity_batches, backend=runner.backend, precision="fp32",
-            max_abs=max_abs, min_top1=min_top1, limit=parity_samples,
+            max_rel=max_rel, min_top1=min_top1, limit=parity_samples,
         )
         require_parity(report, checkpoint)
         meta = {

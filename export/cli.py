@@ -92,9 +92,68 @@ def export_cmd(
         p = meta["parity"][0]
         console.print(
             f"  onnx.checker OK; {meta['onnx']['nodes']} nodes; parity ort-cpu fp32: max |diff| "
-            f"{p['max_abs_diff']:.2e}, top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['samples']} test images",
+            f"{p['max_abs_diff']:.2e} (relative {p['max_rel_diff']:.1e}), top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['samples']} test images",
             highlight=False,
         )
         _export_extra(out, _split(backends, "backends"), _split(precisions, "precisions"),
                       _split(batch, "batch", int), cfg, data, parity_samples, console)
         console.print(f"wrote {out}/ (model.onnx, model.pt, export.json)")
+
+
+@app.command("bench")
+def bench_cmd(
+    bundles: Annotated[list[Path], typer.Argument(help="bundle folders from `pfp export`; with several, the first is the baseline")],
+    backends: Annotated[str, typer.Option(help="comma-separated: ort-cpu, ort-cuda, torch-cpu, torch-cuda, torch-compile-cpu, torch-compile-cuda, tensorrt")] = "ort-cpu",
+    precisions: Annotated[str, typer.Option(help="fp32, fp16, int8")] = "fp32",
+    batch: Annotated[str, typer.Option(help="batch sizes")] = "1,8,32",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (pinned to as many cores); default: leave as is")] = None,
+    rounds: Annotated[int, typer.Option(help="interleaved rounds when timing several bundles side by side")] = 3,
+    max_time: Annotated[float, typer.Option(help="seconds at most per model, backend and batch size")] = 20.0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report (results, machine, efficiency) as JSON")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="write the measured-vs-ideal speed-up plot (PNG)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config naming the data set (int8 calibration only)")] = None,
+) -> None:
+    """Latency (p50/p90/p99, throughput) per backend and batch size; speed-up efficiency vs the first bundle."""
+    with _errors(EXPORT_ERRORS):
+        from export.bundle import load_bundle, read_meta
+        from export.efficiency import (
+            Candidate, bench_side_by_side, efficiency_rows, efficiency_table, plot_efficiency,
+        )
+        from export.latency import BenchReport, LatencySettings, table
+
+        console = Console()
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads {threads}: must be at least 1")
+        if rounds < 1:
+            raise ValueError(f"--rounds {rounds}: must be at least 1")
+        settings = LatencySettings(threads=threads, max_time_s=max_time, min_time_s=min(1.0, max_time))
+        candidates, labels = [], set()
+        for folder in bundles:
+            label = folder.name if folder.name not in labels else str(folder)
+            labels.add(label)
+            candidates.append(Candidate(label, load_bundle(folder), int(read_meta(folder)["flops"])))
+        precision_list = _split(precisions, "precisions")
+        calibration = None
+        if "int8" in precision_list:
+            from export.inputs import calibration_inputs
+            from pfp.pipeline import load_data
+
+            cfg = load_run_config(config)
+            calibration = calibration_inputs(load_data(cfg, console), n=512, seed=cfg.seed)
+        results = bench_side_by_side(
+            candidates, _split(backends, "backends"), precision_list, _split(batch, "batch", int),
+            settings=settings, rounds=rounds if len(candidates) > 1 else 1, calibration=calibration,
+            workdir=bundles[0] / "build",
+            progress=lambda msg: console.print(f"  {msg}", style="dim", highlight=False),
+        )
+        flops = {c.label: c.flops for c in candidates}
+        rows = efficiency_rows(results, flops, candidates[0].label) if len(candidates) > 1 else []
+        report = BenchReport.new(results, settings, extra={"flops": flops, "efficiency": rows,
+                                                           "baseline": candidates[0].label})
+        console.print(table(report))
+        if rows:
+            console.print(efficiency_table(rows))
+        if json_out:
+            console.print(f"wrote {report.to_json(json_out)}")
+        if plot and rows:
+            console.print(f"wrote {plot_efficiency(rows, plot)}")
