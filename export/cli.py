@@ -16,8 +16,21 @@ from rich.console import Console
 from rich.table import Table
 
 from export.backends.base import BackendUnavailable
-from pfp.cli import _errors, _split, app, load_run_config, parse_sets, ConfigArg, SetOpt  # noqa: F401
+from pfp.cli import SetOpt, _errors, _split, load_run_config, parse_sets
+from pfp.cli import app as pfp_app
 
+
+def extend(base: typer.Typer, drop: tuple[str, ...] = ()) -> typer.Typer:
+    """A new Typer app with `base`'s settings and commands (less `drop`); `base` is unchanged."""
+    app = typer.Typer(name=base.info.name, help=base.info.help, add_completion=False, no_args_is_help=True,
+                      pretty_exceptions_enable=False)
+    app.registered_commands = [
+        c for c in base.registered_commands if (c.name or c.callback.__name__) not in drop
+    ]
+    return app
+
+
+app = extend(pfp_app)
 EXPORT_ERRORS = (BackendUnavailable,)
 
 

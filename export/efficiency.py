@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from export.backends import BuildSpec, ModelBundle, Runner, get_backend
 from export.latency import LatencyResult, LatencySettings, measure, median_ci_rel
 from export.machine import pin_cpu_threads
-from pfp.pipeline import new_axes, save_figure
+from pfp.plots import new_axes, save_figure
 
 
 @dataclass

@@ -28,13 +28,12 @@ from pfp.pipeline import (
     _say,
     _step_key,
     _write_json,
-    new_axes,
     prepare,
     prune_and_retrain,
-    save_figure,
 )
+from pfp.plots import new_axes, save_figure
 
-__all__ = ["run_compare", "CSV_FIELDS"]
+__all__ = ["run_compare", "compare_point", "save_compare", "CSV_FIELDS"]
 
 CSV_FIELDS = [
     "method", "reduction", "keep_ratio", "achieved_keep", "target_flops_removed_pct", "flops_removed_pct",
@@ -111,32 +110,19 @@ def run_compare(
     setup = prepare(cfg, console=console, progress=progress)
     out = setup.run_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    base_state = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
 
     rows: list[dict] = []
     total = len(cc.methods) * len(cc.reductions)
     n = 0
     for method in cc.methods:
-        pc = cfg.prune.model_copy(update={"method": method, "target": "flops"})
         for red in cc.reductions:
             n += 1
-            keep = round(1.0 - red, 10)
-            extra = {"reduction": red, "target_flops_removed_pct": 100.0 * red}
-            point = _point_dir(out, method, red)
-            key = _step_key(setup, pc, [keep], cfg.seed)
-            setup.model.load_state_dict(base_state)  # every method starts from the same weights
-            try:
-                _, row, _ = prune_and_retrain(
-                    setup, setup.model, pc, keep, point, key, seed=cfg.seed, console=console, progress=progress,
-                    label=f"[{n}/{total}]",
-                )  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - one failing point must not end the comparison
-                row = _error_row(method, "flops", keep, e)
-                _say(console, f"      {method} at -{red:.0%} FLOPs failed: {row['error']}", style="red")
-            rows.append(row | extra)
-            _save(rows, setup, cfg, out, time.perf_counter() - start)  # partial results survive a crash
+            row = compare_point(setup, cfg, method, red, console=console, progress=progress,
+                                label=f"[{n}/{total}]")
+            rows.append(row)
+            save_compare(rows, setup, cfg, out, time.perf_counter() - start)  # partial results survive a crash
 
-    paths = _save(rows, setup, cfg, out, time.perf_counter() - start)
+    paths = save_compare(rows, setup, cfg, out, time.perf_counter() - start)
     console.print(_table(rows, setup, cfg.name))
     for r in rows:
         if r.get("error"):
@@ -151,7 +137,32 @@ def run_compare(
     return rows
 
 
-def _save(rows: list[dict], setup: Setup, cfg: RunConfig, out: Path, seconds: float) -> dict[str, Path]:
+def compare_point(
+    setup: Setup, cfg: RunConfig, method: str, reduction: float, *, console: Console,
+    progress: bool, label: str = "",
+) -> dict:
+    """One comparison point: `method` removes `reduction` of the base's FLOPs, then retrains.
+
+    The model starts from setup.base_state() (the same weights for every method); a finished point
+    is reused. A failure is returned as a row with its `error`, not raised.
+    """
+    pc = cfg.prune.model_copy(update={"method": method, "target": "flops"})
+    keep = round(1.0 - reduction, 10)
+    extra = {"reduction": reduction, "target_flops_removed_pct": 100.0 * reduction}
+    point = _point_dir(setup.run_dir / "compare", method, reduction)
+    key = _step_key(setup, pc, [keep], cfg.seed)
+    setup.model.load_state_dict(setup.base_state())  # every method starts from the same weights
+    try:
+        _, row, _ = prune_and_retrain(
+            setup, setup.model, pc, keep, point, key, seed=cfg.seed, console=console, progress=progress, label=label,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - one failing point must not end the comparison
+        row = _error_row(method, "flops", keep, e)
+        _say(console, f"      {method} at -{reduction:.0%} FLOPs failed: {row['error']}", style="red")
+    return row | extra
+
+
+def save_compare(rows: list[dict], setup: Setup, cfg: RunConfig, out: Path, seconds: float) -> dict[str, Path]:
     paths = {"json": out / "compare.json", "csv": out / "compare.csv", "png": out / "compare.png"}
     _write_json(
         paths["json"],

@@ -6,7 +6,7 @@ with the dotted path of the offending field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -145,6 +145,9 @@ class RunConfig(_Strict):
         return self
 
 
+C = TypeVar("C", bound=RunConfig)
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -155,10 +158,11 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: field '{loc}': {msg}{more}"
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: dict | None = None, model: type[C] = RunConfig) -> C:
     """Read and validate a YAML config (None: the embedded defaults), then apply overrides.
 
-    overrides maps dotted keys to values, e.g. {"train.epochs": 1}.
+    overrides maps dotted keys to values, e.g. {"train.epochs": 1}; `model` is the pydantic
+    class to validate with (RunConfig, or a subclass with more sections).
     """
     raw: dict = {}
     source = "<defaults>"
@@ -173,10 +177,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping")
-    return config_from_dict(raw, source, overrides)
+    return config_from_dict(raw, source, overrides, model)
 
 
-def config_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None = None) -> RunConfig:
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None = None, model: type[C] = RunConfig) -> C:
     """Validate a config given as a mapping (changed in place by the overrides)."""
     for key, value in (overrides or {}).items():
         node = raw
@@ -187,6 +191,6 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None =
                 raise ConfigError(f"override {key}: '{part}' is not a section")
         node[parts[-1]] = value
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None

@@ -509,3 +509,24 @@ def split_calibration(ds: Dataset, n_calib: int, n_holdout: int, seed: int) -> t
         raise ValueError(f"data set has {n} points, fewer than the {n_calib} calibration + {n_holdout} held-out points asked for")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(ds, perm[:n_calib]), Subset(ds, perm[n_calib : n_calib + n_holdout])
+
+
+def data_fingerprint(ds: Dataset) -> str:
+    """A short sha256 identifying a data set's content: image bytes and labels for in-memory
+    sets, the sorted (path, label) list for folder sets. Subsets hash their indices too."""
+    import hashlib
+
+    h = hashlib.sha256()
+    while isinstance(ds, Subset):
+        h.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
+        ds = ds.dataset
+    if isinstance(ds, InMemoryImageDataset):
+        h.update(str(tuple(ds.images.shape)).encode())
+        h.update(ds.images.contiguous().numpy().tobytes())
+        h.update(ds.targets.numpy().tobytes())
+    elif hasattr(ds, "samples"):
+        for path, label in sorted(ds.samples):
+            h.update(f"{path}\t{label}\n".encode())
+    else:
+        h.update(f"{type(ds).__name__}:{len(ds)}".encode())  # type: ignore[arg-type]
+    return h.hexdigest()[:16]

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pfp.config import ConfigError, PruneConfig, RunConfig, TrainConfig
 from pfp.data import DataBundle, build_data, make_loader, split_calibration
 from pfp.distributed import barrier, get_rank, get_world_size, is_main_process
+from pfp.plots import plot_accuracy_vs_flops
 from pfp.models import build_model
 from pfp.prune import PruneError, calibration_size, prune
 from pfp.resources import count_flops, count_params
@@ -233,6 +234,13 @@ class Setup:
     holdout_loader: DataLoader | None = None
     calib_size: int | None = None
     holdout_size: int | None = None
+    _base_state: dict | None = field(default=None, repr=False)
+
+    def base_state(self) -> dict:
+        """A copy of the trained weights, taken once: every comparison point starts from it."""
+        if self._base_state is None:
+            self._base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self._base_state
 
     def base_summary(self) -> dict:
         return {
@@ -646,48 +654,8 @@ def _cascade_table(result: CascadeResult, target: str) -> Table:
     return t
 
 
-def new_axes():
-    """A figure and axes on the file-only Agg backend (no display on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(6.4, 4.2))
-
-
-def save_figure(fig, ax, path: Path) -> Path:
-    """Grid, legend, tight layout; write the PNG and free the figure."""
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _plot_cascade(result: CascadeResult, path: Path) -> Path | None:
-    rows = [r for r in result.rounds if not r.get("error")]
-    base = result.base
-    xs = [100.0] + [100.0 - r["flops_removed_pct"] for r in rows]
-    after = [base["acc"]] + [r["acc"] for r in rows]
-    before = [r["acc_before_retrain"] for r in rows]
-    fig, ax = new_axes()
-    ax.plot(xs, after, "o-", label="after retraining")
-    if rows:
-        ax.plot(xs[1:], before, "x--", color="gray", alpha=0.7, label="before retraining")
-    ax.axhline(base["acc"], color="black", ls=":", lw=1, label=f"unpruned {base['acc']:.2f}%")
-    ax.axhline(base["acc"] - result.tolerance, color="red", ls=":", lw=1, label=f"tolerance -{result.tolerance:g}")
-    if result.chosen is not None:
-        r = result.rounds[result.chosen]
-        ax.plot([100.0 - r["flops_removed_pct"]], [r["acc"]], "*", ms=16, color="gold", mec="black", label="chosen")
-    ax.set_xlabel("FLOPs kept (% of unpruned)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{result.name}: {rows[0]['method'] if rows else ''} cascade")
-    ax.invert_xaxis()
-    return save_figure(fig, ax, path)
+    return plot_accuracy_vs_flops(result.name, result.base["acc"], result.rounds, result.tolerance, result.chosen, path)
 
 
 def run_cascade(cfg: RunConfig, *, console: Console | None = None, progress: bool = True) -> CascadeResult:
@@ -750,6 +718,63 @@ def run_cascade(cfg: RunConfig, *, console: Console | None = None, progress: boo
         )
     _say(console, f"results: {result.results_path}, plot: {result.plot_path}  ({result.seconds:.0f}s in all)")
     return result
+
+
+# --------------------------------------------------------------------------- one iteration at a time (flows)
+
+_SETUPS: dict[str, Setup] = {}
+
+
+def cached_setup(cfg: RunConfig, *, console: Console | None = None, progress: bool = True) -> Setup:
+    """prepare(cfg), kept for this process: a flow's iterations share one Setup when they
+    run in the same process and rebuild it (reusing base.pt) when they run elsewhere."""
+    key = _hash(cfg.model_dump())
+    if key not in _SETUPS:
+        _SETUPS.clear()  # one config at a time: a Setup holds the data set in memory
+        _SETUPS[key] = prepare(cfg, console=console, progress=progress)
+    return _SETUPS[key]
+
+
+def calibration_fingerprint(setup: Setup) -> dict:
+    """Hashes that identify the data and the calibration set S drawn from it."""
+    from pfp.data import data_fingerprint
+
+    calib = getattr(setup.calib_loader, "dataset", None)
+    return {
+        "data_hash": data_fingerprint(setup.data.train),
+        "calib_hash": data_fingerprint(calib) if calib is not None else None,
+        "calib_size": setup.calib_size,
+        "holdout_size": setup.holdout_size,
+    }
+
+
+def run_iteration(
+    cfg: RunConfig, index: int, parent_model: str | Path | None, *, console: Console | None = None,
+    progress: bool = True,
+) -> dict:
+    """Cascade round `index` (0-based): prune the model file `parent_model` (None: the base
+    model) to keep_ratios[index], retrain, evaluate, save in run_dir/round_<index+1>.
+
+    A round finished earlier with the same inputs is reused, not recomputed. Returns the row
+    (with "round", "model_path", "report_path"); PruneError propagates.
+    """
+    console = console or Console()
+    setup = cached_setup(cfg, console=console, progress=progress)
+    pc = cfg.prune
+    if not 0 <= index < len(pc.keep_ratios):
+        raise ConfigError(f"prune.keep_ratios: no round {index + 1} (the schedule has {len(pc.keep_ratios)})")
+    if parent_model is None:
+        model = setup.model
+    else:
+        model, _ = load_model(parent_model, build_model)
+        model.to(setup.device)
+    seed = cfg.seed + index
+    key = _step_key(setup, pc, pc.keep_ratios[: index + 1], seed)
+    _, row, _ = prune_and_retrain(
+        setup, model, pc, pc.keep_ratios[index], setup.run_dir / f"round_{index + 1}", key, seed=seed,
+        console=console, progress=progress, label=f"round {index + 1}/{len(pc.keep_ratios)}",
+    )  # fmt: skip
+    return row | {"round": index + 1}
 
 
 def run_train(cfg: RunConfig, *, console: Console | None = None, progress: bool = True, distributed: bool = False) -> Setup:

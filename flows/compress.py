@@ -1,0 +1,323 @@
+"""The compress flow: calibrate -> (prune -> retrain -> evaluate -> log) per keep ratio ->
+export -> benchmark on the targets -> gate -> register.
+
+    pfp run [CONFIG]            (no CONFIG: the CPU quickstart)
+
+Each task is a few lines over flows.steps (which wraps pfp/ and export/); tasks pass file
+paths, not modules. MLflow gets one parent run per flow run and one nested run per
+iteration; a failure leaves every run it opened FAILED. Re-running after a crash resumes
+at the first unfinished iteration: finished rounds are found on disk (round_<i>/done.json,
+keyed by a hash of their inputs) and reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from rich.console import Console
+
+from deploy.gate import evaluate_gate
+from flows import steps
+from flows.config import PipelineConfig, config_from_json, load_pipeline_config
+from flows.tracking import (
+    check_tracking_server, flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run,
+)
+from pfp.pipeline import _hash, choose
+from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
+
+ITERATION_METRICS = (
+    "acc", "loss", "acc_before_retrain", "acc_change", "params", "flops", "keep_ratio", "achieved_keep",
+    "flops_removed_pct", "params_removed_pct", "eps", "coverage_min", "coverage_mean", "seconds",
+)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="calibrate")
+def calibrate_task(config: dict) -> dict:
+    return steps.calibrate(config_from_json(config), progress=False)
+
+
+@task(name="prune-retrain-evaluate")
+def iterate_task(config: dict, index: int, parent: str | None) -> dict:
+    return steps.iterate(config_from_json(config), index, parent, progress=False)
+
+
+@task(name="export")
+def export_task(config: dict, model_path: str, out_dir: str) -> dict:
+    return steps.export_model(config_from_json(config), model_path, out_dir)
+
+
+@task(name="benchmark")
+def benchmark_task(config: dict, target: str, bundles: dict[str, str], baseline: str) -> dict:
+    cfg = config_from_json(config)
+    return steps.benchmark(cfg, next(t for t in cfg.targets if t.name == target), bundles, baseline)
+
+
+@task(name="gate")
+def gate_task(config: dict, base_acc: float, acc: float, latency: dict, baseline: dict, errors: dict) -> dict:
+    cfg = config_from_json(config)
+    return evaluate_gate(cfg.gate, base_acc=base_acc, acc=acc, latency=latency, baseline_latency=baseline,
+                         errors=errors).to_dict()
+
+
+# --------------------------------------------------------------------------- remote iteration
+
+
+@flow(name="pfp-iteration")
+def iteration_flow(config: dict, index: int, parent: str | None = None) -> dict:
+    """One cascade round as its own flow, for a deployment on a (GPU) work pool."""
+    return iterate_task(config, index, parent)
+
+
+def _run_iteration(cfg: PipelineConfig, config: dict, index: int, parent: str | None) -> dict:
+    """Round `index` here, or on the work pool of cfg.dispatch.iteration."""
+    if not cfg.dispatch.iteration:
+        return iterate_task(config, index, parent)
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(cfg.dispatch.iteration, parameters={"config": config, "index": index, "parent": parent},
+                        timeout=None)
+    if not fr.state or not fr.state.is_completed():
+        raise RuntimeError(f"deployment {cfg.dispatch.iteration}: round {index + 1} ended {fr.state.name if fr.state else 'unknown'}")
+    # The worker wrote the round into the shared output_dir; reading it back here finds it
+    # finished (same inputs, same hash) and only loads it.
+    return steps.iterate(cfg, index, parent, progress=False)
+
+
+# --------------------------------------------------------------------------- MLflow logging
+
+
+def _log_iteration(client, parent_id: str, experiment_id: str, row: dict, tags: dict, plots: Path) -> str:
+    """A nested run for one iteration, plus the parent's step series. Returns the run id."""
+    import mlflow
+
+    step = row["round"]
+    with tracked_run(f"round {step}: keep {row['keep_ratio']:.0%}", nested=True,
+                     tags={**tags, "mlflow.parentRunId": parent_id, "pfp.round": str(step)}) as run:
+        metrics = {k: row.get(k) for k in ITERATION_METRICS}
+        log_metrics_at(metrics)
+        mlflow.log_artifact(row["model_path"], "model")
+        mlflow.log_artifact(row["report_path"], "report")
+        report = json.loads(Path(row["report_path"]).read_text())
+        mlflow.log_artifact(str(plot_layer_budget(report, plots / f"layer_budget_round{step}.png",
+                                                  title=f"round {step}: kept vs total channels")), "plots")
+        run_id = run.info.run_id
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            client.log_metric(parent_id, f"iter.{key}", float(value), step=step)
+    return run_id
+
+
+def _log_latency(client, run_id: str, bench: dict, label: str, step: int | None, parent_id: str | None) -> None:
+    """Latency of `label` on one target as metrics (and as the parent's step series)."""
+    t = bench["target"]
+    for r in bench["results"]:
+        if r["model"] != label:
+            continue
+        for name in ("p50_ms", "p90_ms", "p99_ms", "throughput_per_s"):
+            key = f"latency.{t}.b{r['batch']}.{name}"
+            client.log_metric(run_id, key, float(r[name]))
+            if parent_id and step is not None:
+                client.log_metric(parent_id, f"iter.{key}", float(r[name]), step=step)
+    for e in bench["efficiency"]:
+        if e["model"] == label:
+            client.log_metric(run_id, f"speedup.{t}.b{e['batch']}", float(e["speedup"]))
+            client.log_metric(run_id, f"efficiency.{t}.b{e['batch']}", float(e["efficiency"]))
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+def _sigterm_raises() -> None:
+    """A worker cancelling a flow run sends SIGTERM, which would end Python without running
+    `finally` blocks and leave MLflow runs RUNNING; turn it into KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _fail_orphaned_runs(client, experiment_id: str, config_hash: str) -> list[str]:
+    """Runs of this config left RUNNING by a process on this host that no longer exists
+    (killed with SIGKILL, power loss) are ended FAILED. Returns their ids."""
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([experiment_id], f"tags.`pfp.config_hash` = '{config_hash}' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("pfp.host") != host or not tags.get("pfp.pid", "").isdigit():
+            continue
+        pid = int(tags["pfp.pid"])
+        try:
+            os.kill(pid, 0)
+            continue  # still alive: a concurrent run, not an orphan
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, "pfp.end_reason", "its process died")
+            client.set_terminated(child.info.run_id, "FAILED")
+        client.set_tag(run.info.run_id, "pfp.end_reason", f"process {pid} on {host} died without ending the run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+@flow(name="pfp-compress", log_prints=True)
+def compress_flow(config: dict | None = None, config_path: str | None = None, overrides: dict | None = None,
+                  progress: bool = False) -> dict:
+    """The pipeline on one config: a plain dict (as `pfp run` passes it), or a YAML file
+    (`config_path`, as deployments pass it) with dotted `overrides`; neither: the quickstart."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.registry import promote, register_candidate
+
+    start = time.perf_counter()
+    if config is None:
+        cfg = load_pipeline_config(config_path, overrides)
+        config = cfg.model_dump(mode="json")
+    else:
+        cfg = config_from_json(config)
+    logger = get_run_logger()
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
+    check_tracking_server(uri)
+    experiment_id = setup_mlflow(uri, cfg.experiment_name)
+    client = MlflowClient()
+    config_hash = _hash(config)
+    work: dict[str, float] = {}
+    _sigterm_raises()
+    for run_id in _fail_orphaned_runs(client, experiment_id, config_hash):
+        logger.warning(f"MLflow run {run_id} was left RUNNING by a process that died; marked FAILED")
+
+    with tracked_run(f"{cfg.name}", params=flatten_params(config),
+                     tags={"pfp.config_hash": config_hash, "pfp.flow": "compress", "pfp.host": socket.gethostname(),
+                           "pfp.pid": str(os.getpid())}) as parent:
+        parent_id = parent.info.run_id
+        run_dir = Path(cfg.output_dir) / cfg.name
+        plots = run_dir / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+
+        base = calibrate_task(config)
+        work["calibrate"] = base["seconds"]
+        tags = run_tags(config_hash, base["data_hash"]) | {"pfp.calib_hash": str(base["calib_hash"])}
+        for k, v in tags.items():
+            client.set_tag(parent_id, k, v)
+        logger.info(f"base model {base['base_path']}: test acc {base['acc']:.2f}%, {base['flops']} FLOPs, |S| = {base['calib_size']}")
+        log_metrics_at({"iter.acc": base["acc"], "iter.flops": base["flops"], "iter.params": base["params"]}, step=0)
+
+        rows: list[dict] = []
+        run_ids: dict[int, str] = {}
+        parent_model = None
+        for i, ratio in enumerate(cfg.prune.keep_ratios):
+            row = _run_iteration(cfg, config, i, parent_model)
+            work[f"round_{i + 1}"] = row.get("task_seconds", 0.0)
+            rows.append(row)
+            run_ids[row["round"]] = _log_iteration(client, parent_id, experiment_id, row, tags, plots)
+            logger.info(f"round {i + 1}: keep {ratio:.0%} -> test acc {row['acc']:.2f}% ({row['acc_change']:+.2f}), "
+                        f"FLOPs -{row['flops_removed_pct']:.1f}%")
+            parent_model = row["model_path"]
+
+        chosen = choose(base["acc"], rows, cfg.prune.tolerance, cfg.prune.target)
+        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base["acc"], rows, cfg.prune.tolerance, chosen,
+                                                       plots / "accuracy_vs_flops.png")), "plots")
+
+        # Export the unpruned model and every round: ONNX per iteration, and the baseline
+        # the targets time side by side.
+        bundles = {"unpruned": export_task(config, base["base_path"], str(run_dir / "bundles" / "unpruned"))}
+        for row in rows:
+            bundles[f"round_{row['round']}"] = export_task(config, row["model_path"], str(run_dir / "bundles" / f"round_{row['round']}"))
+        for label, b in bundles.items():
+            work[f"export {label}"] = b["seconds"]
+        for row in rows:
+            b = bundles[f"round_{row['round']}"]
+            client.log_artifact(run_ids[row["round"]], str(Path(b["bundle"]) / "model.onnx"), "onnx")
+            client.log_metric(run_ids[row["round"]], "parity.max_rel_diff", b["meta"]["parity"][0]["max_rel_diff"])
+
+        benches = {}
+        for target in cfg.targets:
+            bench = benchmark_task(config, target.name, {k: v["bundle"] for k, v in bundles.items()}, "unpruned")
+            benches[target.name] = bench
+            work[f"benchmark {target.name}"] = bench["seconds"]
+            if bench["error"]:
+                logger.warning(f"target {target.name}: not measured: {bench['error']}")
+                continue
+            _log_latency(client, parent_id, bench, "unpruned", 0, parent_id)
+            for row in rows:
+                _log_latency(client, run_ids[row["round"]], bench, f"round_{row['round']}", row["round"], parent_id)
+
+        result: dict[str, Any] = {"base": base, "rounds": rows, "chosen": chosen, "parent_run_id": parent_id,
+                                  "benchmarks": benches, "decision": None, "version": None, "promoted": False}
+        if chosen is None:
+            msg = (f"no pruned model stays within {cfg.prune.tolerance:g} points of the unpruned {base['acc']:.2f}%; "
+                   "nothing registered")
+            logger.warning(msg)
+            client.set_tag(parent_id, "pfp.outcome", msg)
+        else:
+            label = f"round_{rows[chosen]['round']}"
+            latency = {t: [r for r in b["results"] if r["model"] == label] for t, b in benches.items()}
+            baseline = {t: [r for r in b["results"] if r["model"] == "unpruned"] for t, b in benches.items()}
+            errors = {t: b["error"] for t, b in benches.items() if b["error"]}
+            decision = gate_task(config, base["acc"], rows[chosen]["acc"], latency, baseline, errors)
+            mlflow.log_artifacts(bundles[label]["bundle"], "bundle")
+            version = register_candidate(cfg.model_name, parent_id, "bundle", {
+                "onnx_sha256": bundles[label]["meta"]["onnx"]["sha256"], "flops": str(rows[chosen]["flops"]),
+                "acc": f"{rows[chosen]['acc']:.4f}", "round": str(rows[chosen]["round"]), "config_hash": config_hash,
+            })
+            promoted = promote(cfg.model_name, version.version, _decision_object(decision))
+            result.update(decision=decision, version=version.version, promoted=promoted)
+            markdown = _decision_markdown(cfg, version.version, decision, promoted)
+            create_markdown_artifact(markdown, key=_artifact_key(cfg.name), description="promotion gate decision")
+            mlflow.log_text(markdown, "gate/decision.md")
+            logger.info(f"registered {cfg.model_name} v{version.version} as candidate; "
+                        + ("promoted to champion" if promoted else "NOT promoted: " + decision["summary"]))
+
+        total = time.perf_counter() - start
+        inside = sum(work.values())
+        result.update(seconds=total, work_seconds=work, orchestration_overhead=(total - inside) / total if total else 0)
+        log_metrics_at({"flow_seconds": total, "task_work_seconds": inside,
+                        "orchestration_overhead_pct": 100 * result["orchestration_overhead"]})
+        (run_dir / "flow_result.json").write_text(json.dumps(result, indent=2, default=str))
+        mlflow.log_artifact(str(run_dir / "flow_result.json"))
+    return result
+
+
+def _decision_object(decision: dict):
+    """The GateDecision back from its dict (it crossed a task boundary as plain data)."""
+    from deploy.gate import GateDecision
+
+    return GateDecision.from_dict(decision)
+
+
+def _artifact_key(name: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only.
+    return "gate-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _decision_markdown(cfg: PipelineConfig, version: str, decision: dict, promoted: bool) -> str:
+    from deploy.gate import GateDecision
+
+    head = f"# {cfg.model_name} v{version}: {'promoted to champion' if promoted else 'not promoted'}\n\n"
+    return head + GateDecision.from_dict(decision).to_markdown()
+
+
+def run_compress(cfg: PipelineConfig, *, progress: bool = False, console: Console | None = None) -> dict:
+    """Run the compress flow on a validated config (ephemeral Prefect unless PREFECT_API_URL)."""
+    return compress_flow(cfg.model_dump(mode="json"), progress=progress)
+
+
+__all__ = ["compress_flow", "iteration_flow", "run_compress"]

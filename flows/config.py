@@ -1,0 +1,150 @@
+"""The pipeline's config: a pfp RunConfig plus export, targets, gate, tracking and dispatch.
+
+One YAML file describes a whole scheduled compression job. It is validated in full before
+any work starts; an error names the file and the field (pfp.config's ConfigError).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from deploy.gate import GateConfig, LatencyCheck
+from pfp.cli import QUICKSTART
+from pfp.config import ConfigError, RunConfig, _Strict, config_from_dict, load_config
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ExportSettings(_Strict):
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    opset: int = Field(18, ge=13, le=23)
+    simplify: bool = False
+    parity_samples: int = Field(1000, ge=1)
+
+
+class TargetConfig(_Strict):
+    """Where a model is benchmarked: a backend here, or (deployment set) on a Prefect work pool."""
+
+    name: str = Field(description="letters, digits, '.', '_', '-'; it names folders and metrics")
+    backend: str = "ort-cpu"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    threads: int | None = Field(None, ge=1)
+    max_time_s: float = Field(10.0, gt=0, description="timing budget per model and batch size")
+    role: Literal["gate", "canary", "fleet"] = "gate"
+    deployment: str | None = Field(
+        None, description="run the benchmark as this Prefect deployment (FLOW/DEPLOYMENT) on its work pool"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} must match {NAME_RE.pattern} (no paths, no spaces)")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from export.backends import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"unknown backend {v!r}; known: {', '.join(BACKENDS)}")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive")
+        return v
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under output_dir"
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; None: the config's name")
+    registered_model: str | None = Field(None, description="registry name; None: the config's name")
+
+
+class DispatchConfig(_Strict):
+    """Heavy steps sent to Prefect work pools as deployments (FLOW/DEPLOYMENT) instead of
+    running in the flow's own process. Files move through output_dir, which every worker
+    must see (shared storage), and models through MLflow's artifact store."""
+
+    iteration: str | None = Field(None, description="prune + retrain + evaluate, e.g. pfp-iteration/gpu")
+    export: str | None = Field(None, description="ONNX export and parity, e.g. pfp-export/cpu")
+
+
+class ScheduleConfig(_Strict):
+    cron: str | None = Field(None, description="cron string for `pfp serve`, e.g. '0 2 * * *'")
+    timezone: str = "UTC"
+
+
+class PipelineConfig(RunConfig):
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig(name="local-cpu")])
+    gate: GateConfig = Field(default_factory=GateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _gate_targets_exist(self) -> "PipelineConfig":
+        names = [t.name for t in self.targets]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"targets: duplicate name {sorted(dup)[0]!r}")
+        for i, check in enumerate(self.gate.latency):
+            if check.target not in names:
+                raise ValueError(f"gate.latency.{i}.target: {check.target!r} is not one of targets {names}")
+            target = next(t for t in self.targets if t.name == check.target)
+            if check.batch not in target.batch_sizes:
+                raise ValueError(
+                    f"gate.latency.{i}.batch: {check.batch} is not measured on target {check.target!r} "
+                    f"(batch_sizes {target.batch_sizes})"
+                )
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def model_name(self) -> str:
+        return self.tracking.registered_model or self.name
+
+
+# The README's main command: the quickstart cascade, exported, timed on this CPU, gated.
+PIPELINE_QUICKSTART: dict = {
+    **copy.deepcopy(QUICKSTART),
+    "targets": [{"name": "local-cpu", "backend": "ort-cpu", "batch_sizes": [1, 32], "max_time_s": 4.0}],
+    "gate": {
+        "max_acc_drop": 1.0,
+        "latency": [{"target": "local-cpu", "batch": 32, "metric": "p50", "min_speedup": 1.2}],
+    },
+}
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """The pipeline config at `path` (None: the embedded quickstart) with dotted overrides."""
+    if path is None:
+        return config_from_dict(copy.deepcopy(PIPELINE_QUICKSTART), "<quickstart defaults>", overrides, PipelineConfig)
+    return load_config(path, overrides, PipelineConfig)
+
+
+def config_from_json(raw: dict, source: str = "<flow parameter>") -> PipelineConfig:
+    """Re-validate a config that travelled as a flow parameter (already a plain dict)."""
+    return config_from_dict(copy.deepcopy(raw), source, None, PipelineConfig)
+
+
+__all__ = [
+    "ConfigError", "DispatchConfig", "ExportSettings", "GateConfig", "LatencyCheck", "PIPELINE_QUICKSTART",
+    "PipelineConfig", "ScheduleConfig", "TargetConfig", "TrackingConfig", "config_from_json",
+    "load_pipeline_config",
+]
