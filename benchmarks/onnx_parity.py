@@ -70,11 +70,11 @@ def main() -> None:
                 _, meta = export_bundle(path, folder / "bundle", test_batches(data), parity_samples=args.samples)
                 p = meta["parity"][0]
                 rows.append({"model": name, "weights": source, "variant": variant, "flops": meta["flops"],
-                             "max_abs_diff": p["max_abs_diff"], "top1_agreement": p["top1_agreement"],
+                             "max_abs_diff": p["max_abs_diff"], "max_rel_diff": p["max_rel_diff"], "top1_agreement": p["top1_agreement"],
                              "samples": p["samples"]})
                 r = rows[-1]
                 print(f"{name:16s} {source:9s} {variant:10s} FLOPs {r['flops'] / 1e6:9.2f}M  "
-                      f"max|diff| {r['max_abs_diff']:.2e}  top-1 agreement {100 * r['top1_agreement']:.2f}% "
+                      f"max|diff| {r['max_abs_diff']:.2e} (rel {r['max_rel_diff']:.1e})  top-1 agreement {100 * r['top1_agreement']:.2f}% "
                       f"({r['samples']} test images)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
