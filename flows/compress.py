@@ -278,12 +278,13 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
                 "onnx_sha256": bundles[label]["meta"]["onnx"]["sha256"], "flops": str(rows[chosen]["flops"]),
                 "acc": f"{rows[chosen]['acc']:.4f}", "round": str(rows[chosen]["round"]), "config_hash": config_hash,
             })
-            promoted = promote(cfg.model_name, version.version, _decision_object(decision))
-            result.update(decision=decision, version=version.version, promoted=promoted)
-            markdown = _decision_markdown(cfg, version.version, decision, promoted)
+            number = str(version.version)
+            promoted = promote(cfg.model_name, number, _decision_object(decision))
+            result.update(decision=decision, version=number, promoted=promoted)
+            markdown = _decision_markdown(cfg, number, decision, promoted)
             create_markdown_artifact(markdown, key=_artifact_key(cfg.name), description="promotion gate decision")
             mlflow.log_text(markdown, "gate/decision.md")
-            logger.info(f"registered {cfg.model_name} v{version.version} as candidate; "
+            logger.info(f"registered {cfg.model_name} v{number} as candidate; "
                         + ("promoted to champion" if promoted else "NOT promoted: " + decision["summary"]))
 
         total = time.perf_counter() - start

@@ -1,0 +1,221 @@
+"""The compress and compare flows for real: Prefect's test harness (a real, temporary API
+server), a real sqlite MLflow store, real training, export, onnxruntime timing and the
+gate; plus crash-and-resume in a separate process killed mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+cli = CliRunner()
+
+
+def tiny(tmp: Path, **extra) -> dict:
+    cfg = {
+        "name": "tiny",
+        "device": "cpu",
+        "output_dir": str(tmp / "runs"),
+        "data": {"name": "synthetic", "synthetic_channels": 1, "synthetic_size": 16, "synthetic_train": 256,
+                 "synthetic_test": 128, "batch_size": 64, "eval_batch_size": 128},
+        "model": {"name": "lenet5"},
+        "train": {"epochs": 2, "lr": 0.05, "amp": "off"},
+        "retrain": {"epochs": 1, "lr": 0.02, "amp": "off"},
+        "prune": {"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
+                  "tolerance": 100.0},
+        "export": {"exporter": "torchscript", "parity_samples": 64},
+        "targets": [{"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1}],
+        "gate": {"max_acc_drop": 100.0, "latency": [{"target": "cpu", "batch": 8, "metric": "p50", "max_ms": 1000.0}]},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+    }
+    for key, value in extra.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _client(tmp: Path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def test_compress_flow_tracks_gates_and_registers(harness, tmp_path):
+    from flows.compress import compress_flow
+
+    result = compress_flow(config=tiny(tmp_path))
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert result["chosen"] == 1 and result["version"] == "1" and result["promoted"]
+    assert 0 <= result["orchestration_overhead"] < 1
+
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("tiny")
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    for tag in ("git.commit", "pfp.config_hash", "pfp.data_hash", "pfp.calib_hash", "machine"):
+        assert parent.data.tags.get(tag), tag
+    assert parent.data.params["prune.keep_ratios"] == "[0.6,0.4]"
+    history = client.get_metric_history(parent.info.run_id, "iter.acc")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "iter.latency.cpu.b8.p50_ms")] != []
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        m = child.data.metrics
+        for key in ("acc", "loss", "params", "flops", "keep_ratio", "coverage_min", "latency.cpu.b1.p50_ms",
+                    "latency.cpu.b8.p99_ms", "speedup.cpu.b8", "parity.max_rel_diff"):
+            assert key in m, key
+        arts = {a.path for folder in ("model", "onnx", "plots", "report")
+                for a in client.list_artifacts(child.info.run_id, folder)}
+        assert {"model/model.pt", "onnx/model.onnx", "report/report.json"} <= arts
+        assert any(a.endswith(".png") for a in arts)
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"bundle", "plots", "gate", "flow_result.json"} <= top
+
+    version = client.get_model_version_by_alias("tiny", "champion")
+    assert str(version.version) == "1" and version.tags["gate.passed"] == "true"
+    assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "1"
+
+
+def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
+    from flows.compress import compress_flow
+
+    first = compress_flow(config=tiny(tmp_path))
+    assert first["promoted"]
+    # Second run: impossible speed-up, and a gate target that cannot run here.
+    cfg = tiny(tmp_path, targets=[
+        {"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1},
+        {"name": "gpu", "backend": "torch-cuda", "batch_sizes": [8], "max_time_s": 0.3},
+    ], gate={"max_acc_drop": 100.0, "latency": [
+        {"target": "cpu", "batch": 8, "metric": "p50", "min_speedup": 100.0},
+        {"target": "gpu", "batch": 8, "metric": "p99", "max_ms": 50.0},
+    ]})
+    second = compress_flow(config=cfg)
+    assert second["version"] == "2" and not second["promoted"]
+    checks = {c["name"]: c for c in second["decision"]["checks"]}
+    assert any(not c["passed"] for c in checks.values())
+    reasons = " ".join(str(c.get("reason")) for c in checks.values())
+    if not torch.cuda.is_available():  # the gpu target is down here: not passed, with the reason
+        assert "no CUDA GPU" in reasons, reasons
+
+    client = _client(tmp_path)
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "2"
+    assert client.get_model_version("tiny", "2").tags["gate.passed"] == "false"
+    # Nothing was recomputed: the second run reused both rounds of the first.
+    assert all(r.get("task_seconds", 0) < 30 for r in second["rounds"])
+
+
+def test_invalid_config_fails_before_any_work(tmp_path):
+    from flows.cli import app
+
+    raw = tiny(tmp_path)
+    raw["gate"]["latency"][0]["target"] = "nowhere"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = cli.invoke(app, ["run", str(path)])
+    assert res.exit_code == 2
+    assert "bad.yaml: field 'gate.latency.0.target'" in res.output or "gate.latency.0.target" in res.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_fails_early(tmp_path):
+    from flows.cli import app
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path)))
+    start = time.perf_counter()
+    res = cli.invoke(app, ["run", str(path), "--set", "tracking.tracking_uri=http://127.0.0.1:9"])
+    assert res.exit_code == 2 and "http://127.0.0.1:9" in res.output
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "runs").exists()
+
+
+def test_serve_builds_scheduled_deployments(tmp_path):
+    from flows.config import load_pipeline_config
+    from flows.serve import deployments_for
+
+    raw = tiny(tmp_path, schedule={"cron": "0 3 * * *"})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (dep,) = deployments_for([load_pipeline_config(path)], sources=[path])
+    assert dep.name == "tiny" and dep.parameters == {"config_path": str(path.resolve())}
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+
+
+def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
+    from flows.compare import compare_flow
+    from flows.config import load_pipeline_config, config_from_json
+
+    cfg = config_from_json(tiny(tmp_path))
+    rows = compare_flow(cfg.model_dump(mode="json"), ["pfp", "ft"], [0.5])
+    assert len(rows) == 2 and all(r.get("error") is None for r in rows)
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("tiny-compare")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["pfp.method"] for r in runs) == ["ft", "pfp"]
+    assert all("acc" in r.data.metrics and "flops_removed_pct" in r.data.metrics for r in runs)
+    assert load_pipeline_config  # imported for readers: the same config loader as `pfp compare`
+
+
+@pytest.mark.slow
+def test_crash_and_resume(tmp_path):
+    """Kill the flow (SIGTERM, as a cancelled worker does) in round 2; the MLflow runs end
+    FAILED, and the re-run reuses round 1 instead of recomputing it."""
+    raw = tiny(tmp_path, prune={"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
+                                "tolerance": 100.0},
+               retrain={"epochs": 40, "lr": 0.02, "amp": "off"})  # round 2 takes long enough to be killed in
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    code = ("from flows.compress import compress_flow; import sys; "
+            f"compress_flow(config_path={str(cfg_path)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done1 = tmp_path / "runs" / "tiny" / "round_1" / "done.json"
+    ckpt2 = tmp_path / "runs" / "tiny" / "round_2" / "retrain.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (done1.exists() and ckpt2.exists()) and proc.poll() is None:
+        time.sleep(0.2)
+    assert done1.exists(), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    first_round = done1.stat().st_mtime_ns
+
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {"tiny": "FAILED", "round 1: keep 60%": "FINISHED"}, status  # nothing left RUNNING
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.compress import compress_flow
+
+    raw["retrain"]["epochs"] = 40
+    with prefect_test_harness(server_startup_timeout=120):
+        result = compress_flow(config_path=str(cfg_path))
+    assert done1.stat().st_mtime_ns == first_round  # round 1 reused, not recomputed
+    assert result["rounds"][0]["task_seconds"] < result["rounds"][1]["task_seconds"]
