@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from export.backends.base import BackendUnavailable
 from pfp.cli import SetOpt, _errors, _split, load_run_config, parse_sets

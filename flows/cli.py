@@ -85,7 +85,8 @@ def compare_cmd(
         from flows.compare import compare_flow
 
         cfg = _load(config, set_)
-        compare_flow(cfg.model_dump(mode="json"), _split(methods, "methods"), _split(reductions, "reductions", float))
+        compare_flow(cfg.model_dump(mode="json"), methods=_split(methods, "methods"),
+                     reductions=_split(reductions, "reductions", float))
 
 
 @app.command("serve")

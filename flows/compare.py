@@ -11,7 +11,7 @@ import time
 from prefect import flow, get_run_logger, task
 from rich.console import Console
 
-from flows.config import config_from_json
+from flows.config import config_from_json, load_pipeline_config
 from flows.tracking import flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run
 from pfp.compare import compare_point, save_compare
 from pfp.config import CompareConfig
@@ -28,12 +28,20 @@ def point_task(config: dict, method: str, reduction: float, label: str) -> dict:
                          progress=False, label=label)
 
 
-@flow(name="pfp-compare", log_prints=True)
-def compare_flow(config: dict, methods: list[str] | None = None, reductions: list[float] | None = None) -> list[dict]:
-    """Every (method, reduction) point as a task and an MLflow run in the config's experiment."""
+@flow(name="pfp-compare", log_prints=False)
+def compare_flow(config: dict | None = None, config_path: str | None = None, methods: list[str] | None = None,
+                 reductions: list[float] | None = None) -> list[dict]:
+    """Every (method, reduction) point as a task and an MLflow run in the config's experiment.
+
+    The config is a plain dict, or a YAML file (`config_path`, as deployments pass it).
+    """
     import mlflow
 
-    cfg = config_from_json(config)
+    if config is None:
+        cfg = load_pipeline_config(config_path)
+        config = cfg.model_dump(mode="json")
+    else:
+        cfg = config_from_json(config)
     cc = CompareConfig(methods=methods or cfg.compare.methods, reductions=reductions or cfg.compare.reductions)
     logger = get_run_logger()
     setup_mlflow(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir), f"{cfg.experiment_name}-compare")

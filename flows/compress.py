@@ -90,8 +90,9 @@ def _run_iteration(cfg: PipelineConfig, config: dict, index: int, parent: str | 
     if not fr.state or not fr.state.is_completed():
         raise RuntimeError(f"deployment {cfg.dispatch.iteration}: round {index + 1} ended {fr.state.name if fr.state else 'unknown'}")
     # The worker wrote the round into the shared output_dir; reading it back here finds it
-    # finished (same inputs, same hash) and only loads it.
-    return steps.iterate(cfg, index, parent, progress=False)
+    # finished (same inputs, same hash) and only loads it. Its work is the worker's time.
+    row = steps.iterate(cfg, index, parent, progress=False)
+    return row | {"task_seconds": row["seconds"], "dispatched_to": cfg.dispatch.iteration}
 
 
 # --------------------------------------------------------------------------- MLflow logging
@@ -177,7 +178,7 @@ def _fail_orphaned_runs(client, experiment_id: str, config_hash: str) -> list[st
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="pfp-compress", log_prints=True)
+@flow(name="pfp-compress", log_prints=False)
 def compress_flow(config: dict | None = None, config_path: str | None = None, overrides: dict | None = None,
                   progress: bool = False) -> dict:
     """The pipeline on one config: a plain dict (as `pfp run` passes it), or a YAML file

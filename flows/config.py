@@ -123,10 +123,13 @@ class PipelineConfig(RunConfig):
 # The README's main command: the quickstart cascade, exported, timed on this CPU, gated.
 PIPELINE_QUICKSTART: dict = {
     **copy.deepcopy(QUICKSTART),
+    # Accept a round within 1 point (the cascade's choice and the gate's accuracy check agree).
+    "prune": {**QUICKSTART["prune"], "tolerance": 1.0},
     "targets": [{"name": "local-cpu", "backend": "ort-cpu", "batch_sizes": [1, 32], "max_time_s": 4.0}],
     "gate": {
         "max_acc_drop": 1.0,
-        "latency": [{"target": "local-cpu", "batch": 32, "metric": "p50", "min_speedup": 1.2}],
+        # Not slower than the unpruned model at batch 32, timed side by side on this CPU.
+        "latency": [{"target": "local-cpu", "batch": 32, "metric": "p50", "min_speedup": 1.0}],
     },
 }
 

@@ -2,8 +2,6 @@
 onnxruntime and PyTorch; and the clear errors for files that must not be used."""
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import pytest

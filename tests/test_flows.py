@@ -3,7 +3,6 @@ server), a real sqlite MLflow store, real training, export, onnxruntime timing a
 gate; plus crash-and-resume in a separate process killed mid-run."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -168,7 +167,7 @@ def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
     from flows.config import load_pipeline_config, config_from_json
 
     cfg = config_from_json(tiny(tmp_path))
-    rows = compare_flow(cfg.model_dump(mode="json"), ["pfp", "ft"], [0.5])
+    rows = compare_flow(cfg.model_dump(mode="json"), methods=["pfp", "ft"], reductions=[0.5])
     assert len(rows) == 2 and all(r.get("error") is None for r in rows)
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("tiny-compare")
@@ -219,3 +218,11 @@ def test_crash_and_resume(tmp_path):
         result = compress_flow(config_path=str(cfg_path))
     assert done1.stat().st_mtime_ns == first_round  # round 1 reused, not recomputed
     assert result["rounds"][0]["task_seconds"] < result["rounds"][1]["task_seconds"]
+
+
+def test_pipeline_quickstart_yaml_matches_the_embedded_defaults():
+    from flows.config import PIPELINE_QUICKSTART, load_pipeline_config
+
+    from_file = load_pipeline_config(REPO / "configs" / "pipeline_quickstart.yaml")
+    assert from_file.model_dump(exclude={"schedule"}) == load_pipeline_config(None).model_dump(exclude={"schedule"})
+    assert yaml.safe_load((REPO / "configs" / "pipeline_quickstart.yaml").read_text())["prune"] == PIPELINE_QUICKSTART["prune"]
