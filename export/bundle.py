@@ -23,6 +23,7 @@ import torch
 from export.backends.base import BuildSpec, ModelBundle
 from export.onnx_export import ExportError, check_onnx, export_onnx, sha256_file
 from export.parity import ParityReport, compare_outputs, require_parity
+from pfp.files import write_text_atomic
 from pfp.models import build_model
 from pfp.resources import count_flops, count_params
 from pfp.serialization import load_model
@@ -175,6 +176,4 @@ def add_parity(bundle_dir: str | Path, reports: list[ParityReport]) -> None:
     path = Path(bundle_dir) / META_FILE
     meta = read_meta(bundle_dir)
     meta["parity"] = [*meta.get("parity", []), *(r.to_dict() for r in reports)]
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(meta, indent=2))

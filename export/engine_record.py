@@ -14,15 +14,13 @@ reports None for what it cannot know.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from export.backends.base import BackendError
+from pfp.files import sha256_file, write_bytes_atomic
 
 __all__ = [
     "RECORD_FORMAT",
@@ -119,26 +117,6 @@ def record_path(engine_path: str | Path) -> Path:
     return p.with_name(p.name + ".json")
 
 
-def write_bytes_atomic(path: str | Path, data: bytes | bytearray | memoryview) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace,
-    so a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "xb" (not mkstemp, whose files are 0600): the result gets
-    # the permissions of any other file written here.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_record(engine_path: str | Path, record: EngineRecord) -> Path:
     """Write the record of `engine_path` (atomically) and return where it went."""
     # default=str: build options may hold paths and the like; they are kept as text.
@@ -163,15 +141,6 @@ def load_record(engine_path: str | Path) -> EngineRecord:
     except json.JSONDecodeError as e:
         raise BackendError(f"{rp.name}: not valid JSON ({e.msg} at line {e.lineno}); rebuild the engine") from None
     return EngineRecord.from_dict(data, source=rp.name)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (engines can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def current_binding() -> dict[str, str | None]:

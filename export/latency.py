@@ -17,9 +17,7 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from export.backends.base import Runner
 from export.machine import describe_machine, machine_summary, pin_cpu_threads
+from pfp.files import write_text_atomic
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -396,21 +395,6 @@ def _finite_or_none(x: Any) -> Any:
     return x
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write so that `path` is either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class BenchReport:
     """Latency results together with the machine and settings they were measured with."""
@@ -445,7 +429,7 @@ class BenchReport:
     def to_json(self, path: str | Path) -> Path:
         """Write the report as strict JSON, atomically; returns the path."""
         path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str) + "\n")
         return path
 
     @classmethod

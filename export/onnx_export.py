@@ -8,10 +8,7 @@ Graph simplification (onnxslim) is optional and kept only when it removes nodes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import os
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,8 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import nn
+
+from pfp.files import atomic_path, sha256_file  # noqa: F401 - sha256_file re-exported
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -46,27 +45,6 @@ class OnnxInfo:
     @property
     def dynamic_batch(self) -> bool:
         return isinstance(self.input_shape[0], str)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _dims(value_info) -> tuple[int | str, ...]:

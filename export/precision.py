@@ -18,36 +18,19 @@ never leaves half a model, and both run onnx.checker on the result.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import tempfile
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 
 from export.backends.base import BackendError
+from pfp.files import atomic_path
 
 __all__ = ["to_fp16_onnx", "to_int8_qdq_onnx", "onnx_input_shape"]
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _atomic_target(dst: Path) -> Iterator[Path]:
-    """A temporary path beside `dst` to write to; moved onto `dst` only if the block
-    finishes, removed otherwise."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name rather than mkstemp, whose 0600 mode would carry over to `dst`.
-    tmp = dst.with_name(f".{dst.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.onnx")
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _first_line(e: BaseException) -> str:
@@ -106,7 +89,7 @@ def to_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
     except Exception as e:
         raise BackendError(f"{src.name}: FP16 conversion failed ({_first_line(e)})") from None
     _toposort(fp16.graph)
-    with _atomic_target(dst) as tmp:
+    with atomic_path(dst, suffix=".tmp.onnx") as tmp:
         onnx.save_model(fp16, str(tmp))
         _check(tmp, f"{src.name} -> {dst.name}")
     return dst
@@ -176,7 +159,7 @@ def to_int8_qdq_onnx(
     data = _check_calibration(calibration, onnx_input_shape(model, input_name, src.name), src.name)
     del model
 
-    with _atomic_target(dst) as tmp, tempfile.TemporaryDirectory(dir=dst.parent) as work:
+    with atomic_path(dst, suffix=".tmp.onnx") as tmp, tempfile.TemporaryDirectory(dir=dst.parent) as work:
         # Shape inference + ORT's basic graph optimisations first, as ONNX Runtime advises
         # for static quantization: the quantizer needs every tensor's type and shape.
         prepped = Path(work) / "prepped.onnx"

@@ -12,7 +12,6 @@ version's `onnx_sha256` tag before they land where a deployment would pick them 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from deploy.gate import GateDecision
+from pfp.files import sha256_file
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -34,15 +34,6 @@ BUNDLE_FILES = ("model.onnx", "model.pt", "export.json")
 SHA_TAG = "onnx_sha256"
 # MLflow's registry tag value limit is 100k characters; a summary never needs more than this.
 _MAX_TAG = 5000
-
-
-def _sha256(path: Path) -> str:
-    # Local rather than export.onnx_export.sha256_file: that module imports torch and onnx.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tag_key(name: str) -> str:
@@ -64,10 +55,10 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def _logged_sha256(client: MlflowClient, run_id: str, artifact_path: str) -> str:
+def _loggedsha256_file(client: MlflowClient, run_id: str, artifact_path: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run_id, f"{artifact_path}/model.onnx", tmp)
-        return _sha256(Path(local))
+        return sha256_file(Path(local))
 
 
 def register_candidate(model_name: str, run_id: str, artifact_path: str, tags: dict) -> ModelVersion:
@@ -88,7 +79,7 @@ def register_candidate(model_name: str, run_id: str, artifact_path: str, tags: d
                          f"log the bundle folder first (mlflow.log_artifacts(bundle_dir, {artifact_path!r}))")
     version_tags = {str(k): str(v) for k, v in tags.items()}
     if not version_tags.get(SHA_TAG):
-        version_tags[SHA_TAG] = _logged_sha256(client, run_id, artifact_path)
+        version_tags[SHA_TAG] = _loggedsha256_file(client, run_id, artifact_path)
 
     _ensure_registered_model(client, model_name)
     mv = client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
@@ -138,7 +129,7 @@ def _verify(folder: Path, expected: str, label: str) -> None:
     onnx = folder / "model.onnx"
     if not onnx.is_file():
         raise ValueError(f"{label}: the download has no model.onnx")
-    actual = _sha256(onnx)
+    actual = sha256_file(onnx)
     if actual != expected:
         raise ValueError(f"{label}: model.onnx sha256 {actual} does not match the version's {SHA_TAG} tag {expected}")
     # export.json records both files' hashes; check them too where present.
@@ -148,7 +139,7 @@ def _verify(folder: Path, expected: str, label: str) -> None:
         entry = meta.get(key) if isinstance(meta.get(key), dict) else {}
         if entry.get("file") and entry.get("sha256"):
             f = folder / entry["file"]
-            if f.is_file() and _sha256(f) != entry["sha256"]:
+            if f.is_file() and sha256_file(f) != entry["sha256"]:
                 raise ValueError(f"{label}: {entry['file']} does not match the sha256 in export.json")
 
 

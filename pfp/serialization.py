@@ -15,14 +15,14 @@ reads it.
 from __future__ import annotations
 
 import numbers
-import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from pfp.files import atomic_path
 
 FORMAT = "pfp-model/1"
 
@@ -46,35 +46,9 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` so that `path` is either the old file or the complete new one.
-
-    Writes a temporary file in the same folder (so os.replace is a rename on one file
-    system), fsyncs it, then renames it over `path`. The temporary file is removed if
-    anything fails, including KeyboardInterrupt.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Persist the rename itself; not every platform lets a folder be opened, so best effort.
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """torch.save `obj` so that `path` is either the old file or the complete new one."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        torch.save(obj, f)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
