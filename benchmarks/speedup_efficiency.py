@@ -79,7 +79,8 @@ def main() -> None:
                 candidates, args.backends.split(","), ("fp32",), [int(b) for b in args.batch.split(",")],
                 settings=settings, rounds=args.rounds,
             )
-            rows = efficiency_rows(results, {c.label: c.flops for c in candidates}, candidates[0].label)
+            rows = [r | {"family": name} for r in
+                    efficiency_rows(results, {c.label: c.flops for c in candidates}, candidates[0].label)]
             console.print(efficiency_table(rows, title=f"{name}: speed-up efficiency (measured / ideal)"))
             all_rows += rows
             all_results += results

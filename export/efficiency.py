@@ -142,7 +142,8 @@ def plot_efficiency(rows: Sequence[dict], path: str | Path) -> Path:
     fig, ax = new_axes()
     series: dict[str, list[dict]] = {}
     for r in rows:
-        series.setdefault(f"{r['backend']} {r['precision']} batch {r['batch']}", []).append(r)
+        family = f"{r['family']} " if r.get("family") else ""  # e.g. one line per architecture
+        series.setdefault(f"{family}{r['backend']} {r['precision']} batch {r['batch']}", []).append(r)
     top = 1.0
     for name, rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["ideal_speedup"])
