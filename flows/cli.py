@@ -11,6 +11,7 @@ sqlite:///<output_dir>/mlflow.db.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,6 +22,10 @@ from rich.table import Table
 from export.cli import EXPORT_ERRORS, extend
 from export.cli import app as export_app
 from pfp.cli import ConfigArg, ProgressOpt, SetOpt, _errors, _split, parse_sets
+
+# No telemetry from the ephemeral server (these machines are offline; its heartbeat also
+# contends for the server's sqlite file). A user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # run and compare are replaced below by their tracked flow versions.
 app = extend(export_app, drop=("run", "compare"))
