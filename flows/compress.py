@@ -30,6 +30,7 @@ from flows.config import PipelineConfig, config_from_json, load_pipeline_config
 from flows.tracking import (
     check_tracking_server, flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run,
 )
+from pfp.files import write_text_atomic
 from pfp.pipeline import _hash, choose
 from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
 
@@ -70,7 +71,11 @@ def gate_task(config: dict, base_acc: float, acc: float, latency: dict, baseline
                          errors=errors).to_dict()
 
 
-# --------------------------------------------------------------------------- remote iteration
+# --------------------------------------------------------------------------- work pools
+# A heavy step runs here, or as a deployment on a work pool (dispatch.iteration,
+# dispatch.export, targets[].deployment). The worker writes its result into the shared
+# output_dir; the flow then reads it from there (a finished round or bundle is found by
+# hash and only loaded), so nothing depends on Prefect's result storage.
 
 
 @flow(name="pfp-iteration")
@@ -79,20 +84,55 @@ def iteration_flow(config: dict, index: int, parent: str | None = None) -> dict:
     return iterate_task(config, index, parent)
 
 
-def _run_iteration(cfg: PipelineConfig, config: dict, index: int, parent: str | None) -> dict:
-    """Round `index` here, or on the work pool of cfg.dispatch.iteration."""
-    if not cfg.dispatch.iteration:
-        return iterate_task(config, index, parent)
+@flow(name="pfp-export")
+def export_flow(config: dict, model_path: str, out_dir: str) -> dict:
+    """ONNX export and parity as its own flow, for a deployment on a work pool."""
+    return export_task(config, model_path, out_dir)
+
+
+@flow(name="pfp-benchmark")
+def benchmark_flow(config: dict, target: str, bundles: dict[str, str], baseline: str, out: str) -> dict:
+    """One target's benchmark as its own flow, for a deployment on the device's work pool."""
+    result = benchmark_task(config, target, bundles, baseline)
+    write_text_atomic(out, json.dumps(result))
+    return result
+
+
+def _dispatch(deployment: str, parameters: dict, what: str) -> None:
     from prefect.deployments import run_deployment
 
-    fr = run_deployment(cfg.dispatch.iteration, parameters={"config": config, "index": index, "parent": parent},
-                        timeout=None)
+    fr = run_deployment(deployment, parameters=parameters, timeout=None)
     if not fr.state or not fr.state.is_completed():
-        raise RuntimeError(f"deployment {cfg.dispatch.iteration}: round {index + 1} ended {fr.state.name if fr.state else 'unknown'}")
-    # The worker wrote the round into the shared output_dir; reading it back here finds it
-    # finished (same inputs, same hash) and only loads it. Its work is the worker's time.
+        raise RuntimeError(f"deployment {deployment}: {what} ended {fr.state.name if fr.state else 'without a state'}")
+
+
+def _run_iteration(cfg: PipelineConfig, config: dict, index: int, parent: str | None) -> dict:
+    if not cfg.dispatch.iteration:
+        return iterate_task(config, index, parent)
+    _dispatch(cfg.dispatch.iteration, {"config": config, "index": index, "parent": parent}, f"round {index + 1}")
     row = steps.iterate(cfg, index, parent, progress=False)
-    return row | {"task_seconds": row["seconds"], "dispatched_to": cfg.dispatch.iteration}
+    return row | {"task_seconds": row["seconds"], "dispatched_to": cfg.dispatch.iteration}  # the worker's time
+
+
+def _run_export(cfg: PipelineConfig, config: dict, model_path: str, out_dir: str) -> dict:
+    if not cfg.dispatch.export:
+        return export_task(config, model_path, out_dir)
+    start = time.perf_counter()
+    _dispatch(cfg.dispatch.export, {"config": config, "model_path": model_path, "out_dir": out_dir}, f"export of {model_path}")
+    return steps.export_model(cfg, model_path, out_dir) | {"seconds": time.perf_counter() - start}
+
+
+def _run_benchmark(cfg: PipelineConfig, config: dict, target: str, bundles: dict[str, str], out: Path) -> dict:
+    deployment = next(t for t in cfg.targets if t.name == target).deployment
+    if not deployment:
+        return benchmark_task(config, target, bundles, "unpruned")
+    out.unlink(missing_ok=True)
+    try:
+        _dispatch(deployment, {"config": config, "target": target, "bundles": bundles, "baseline": "unpruned",
+                               "out": str(out)}, f"benchmark on {target}")
+        return json.loads(out.read_text())
+    except Exception as e:  # noqa: BLE001 - a target that is down fails its gate checks, it does not end the flow
+        return {"target": target, "results": [], "efficiency": [], "error": f"{deployment}: {e}", "seconds": 0.0}
 
 
 # --------------------------------------------------------------------------- MLflow logging
@@ -239,9 +279,10 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
 
         # Export the unpruned model and every round: ONNX per iteration, and the baseline
         # the targets time side by side.
-        bundles = {"unpruned": export_task(config, base["base_path"], str(run_dir / "bundles" / "unpruned"))}
+        bundles = {"unpruned": _run_export(cfg, config, base["base_path"], str(run_dir / "bundles" / "unpruned"))}
         for row in rows:
-            bundles[f"round_{row['round']}"] = export_task(config, row["model_path"], str(run_dir / "bundles" / f"round_{row['round']}"))
+            bundles[f"round_{row['round']}"] = _run_export(cfg, config, row["model_path"],
+                                                           str(run_dir / "bundles" / f"round_{row['round']}"))
         for label, b in bundles.items():
             work[f"export {label}"] = b["seconds"]
         for row in rows:
@@ -251,7 +292,8 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
 
         benches = {}
         for target in cfg.targets:
-            bench = benchmark_task(config, target.name, {k: v["bundle"] for k, v in bundles.items()}, "unpruned")
+            bench = _run_benchmark(cfg, config, target.name, {k: v["bundle"] for k, v in bundles.items()},
+                                   run_dir / "bench" / f"{target.name}.json")
             benches[target.name] = bench
             work[f"benchmark {target.name}"] = bench["seconds"]
             if bench["error"]:
@@ -322,4 +364,4 @@ def run_compress(cfg: PipelineConfig, *, progress: bool = False, console: Consol
     return compress_flow(cfg.model_dump(mode="json"), progress=progress)
 
 
-__all__ = ["compress_flow", "iteration_flow", "run_compress"]
+__all__ = ["benchmark_flow", "compress_flow", "export_flow", "iteration_flow", "run_compress"]

@@ -79,6 +79,7 @@ class DispatchConfig(_Strict):
 
     iteration: str | None = Field(None, description="prune + retrain + evaluate, e.g. pfp-iteration/gpu")
     export: str | None = Field(None, description="ONNX export and parity, e.g. pfp-export/cpu")
+    # Benchmarks go to a target's own pool: targets[].deployment (e.g. pfp-benchmark/jetson-01).
 
 
 class ScheduleConfig(_Strict):

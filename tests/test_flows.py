@@ -105,9 +105,11 @@ def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
     cfg = tiny(tmp_path, targets=[
         {"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1},
         {"name": "gpu", "backend": "torch-cuda", "batch_sizes": [8], "max_time_s": 0.3},
+        {"name": "edge", "backend": "ort-cpu", "batch_sizes": [1], "deployment": "pfp-benchmark/offline-device"},
     ], gate={"max_acc_drop": 100.0, "latency": [
         {"target": "cpu", "batch": 8, "metric": "p50", "min_speedup": 100.0},
         {"target": "gpu", "batch": 8, "metric": "p99", "max_ms": 50.0},
+        {"target": "edge", "batch": 1, "metric": "p50", "max_ms": 100.0},
     ]})
     second = compress_flow(config=cfg)
     assert second["version"] == "2" and not second["promoted"]
@@ -116,6 +118,8 @@ def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
     reasons = " ".join(str(c.get("reason")) for c in checks.values())
     if not torch.cuda.is_available():  # the gpu target is down here: not passed, with the reason
         assert "no CUDA GPU" in reasons, reasons
+    # A target whose device deployment does not exist (device offline, never deployed).
+    assert not checks["edge.b1.p50_ms"]["passed"] and "pfp-benchmark/offline-device" in checks["edge.b1.p50_ms"]["reason"]
 
     client = _client(tmp_path)
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
