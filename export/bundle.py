@@ -2,7 +2,8 @@
 
     <out>/model.onnx     dynamic batch, checked by onnx.checker
     <out>/model.pt       the PyTorch model file (pfp-model/1, loads with weights_only=True)
-    <out>/export.json    input shape, sha256 of both files, FLOPs/params, parity reports
+    <out>/reference.npz  64 test inputs and PyTorch's logits for them (devices check against it)
+    <out>/export.json    input shape, sha256 of the files, FLOPs/params, parity reports
 
 The folder is assembled under a temporary name and renamed into place only after the
 parity check passed, so a failed export never leaves a bundle that looks usable, and a
@@ -16,8 +17,9 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from export.backends.base import BuildSpec, ModelBundle
@@ -32,6 +34,8 @@ FORMAT = "pfp-bundle/1"
 ONNX_FILE = "model.onnx"
 MODEL_FILE = "model.pt"
 META_FILE = "export.json"
+REFERENCE_FILE = "reference.npz"
+REFERENCE_SAMPLES = 64
 
 
 def input_shape_of(spec: dict) -> tuple[int, int, int]:
@@ -84,11 +88,13 @@ def export_bundle(
             input_name=onnx_info.input_name, output_name=onnx_info.output_name, onnx_sha256=onnx_info.sha256,
         )
         runner = OrtBackend("cpu").load(bundle, BuildSpec(precision="fp32", batch_sizes=(1,)))
+        kept: list[torch.Tensor] = []
         report = compare_outputs(
-            model, runner.run, parity_batches, backend=runner.backend, precision="fp32",
-            max_rel=max_rel, min_top1=min_top1, limit=parity_samples,
+            model, runner.run, _recording(parity_batches, kept, REFERENCE_SAMPLES), backend=runner.backend,
+            precision="fp32", max_rel=max_rel, min_top1=min_top1, limit=parity_samples,
         )
         require_parity(report, checkpoint)
+        reference = _save_reference(model, kept, staging / REFERENCE_FILE)
         meta = {
             "format": FORMAT,
             "source": str(checkpoint),
@@ -100,6 +106,7 @@ def export_bundle(
                      "nodes": onnx_info.nodes, "exporter": exporter, "simplified": simplify,
                      "export_s": round(export_s, 3)},
             "model": {"file": MODEL_FILE, "sha256": sha256_file(staging / MODEL_FILE)},
+            "reference": reference,
             "flops": count_flops(model, example),
             "params": count_params(model),
             "model_meta": _summary(info["meta"]),
@@ -112,6 +119,26 @@ def export_bundle(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return load_bundle(out_dir), meta
+
+
+def _recording(batches: Iterable[torch.Tensor], kept: list[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
+    """Pass `batches` through, keeping their first `n` samples in `kept`."""
+    have = 0
+    for x in batches:
+        if have < n:
+            kept.append(x[: n - have].detach().cpu().float())
+            have += len(kept[-1])
+        yield x
+
+
+def _save_reference(model: torch.nn.Module, inputs: list[torch.Tensor], path: Path) -> dict:
+    """Test inputs and PyTorch's logits for them: what a device checks its engine against."""
+    x = torch.cat(inputs)
+    with torch.no_grad():
+        y = model(x)
+    with open(path, "xb") as f:
+        np.savez(f, inputs=x.numpy(), outputs=y.numpy())
+    return {"file": path.name, "sha256": sha256_file(path), "samples": len(x)}
 
 
 def _summary(meta: dict) -> dict:
@@ -154,7 +181,10 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> ModelBundle:
     onnx_path = bundle_dir / meta["onnx"]["file"]
     model_path = bundle_dir / meta["model"]["file"]
     if verify:
-        for path, want in ((onnx_path, meta["onnx"]["sha256"]), (model_path, meta["model"]["sha256"])):
+        checks = [(onnx_path, meta["onnx"]["sha256"]), (model_path, meta["model"]["sha256"])]
+        if meta.get("reference"):
+            checks.append((bundle_dir / meta["reference"]["file"], meta["reference"]["sha256"]))
+        for path, want in checks:
             if not path.is_file():
                 raise ExportError(f"{path}: missing from the bundle")
             got = sha256_file(path)

@@ -78,6 +78,10 @@ def test_bundle_parity_on_real_inputs(models, data, tmp_path, which):
             ref = model(x).numpy()
         np.testing.assert_allclose(runner.run(x.numpy()), ref, atol=1e-4)
     assert load_bundle(tmp_path / "b") == bundle
+    # Reference inputs and PyTorch's logits travel with the bundle, for devices to check against.
+    ref = np.load(tmp_path / "b" / "reference.npz")
+    assert ref["inputs"].shape == (64, 1, 28, 28) and meta["reference"]["samples"] == 64
+    np.testing.assert_allclose(runner.run(ref["inputs"]), ref["outputs"], atol=1e-4)
 
 
 def test_pruned_onnx_is_smaller(models, tmp_path):
