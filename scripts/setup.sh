@@ -28,7 +28,9 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   # load; constraints.txt pins the pair from the registry so the choice is reproducible.
   quiet() { grep -v '^WARNING: Location' || true; }  # the machine's empty local indexes warn per package
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | quiet
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[export,test]" 2>&1 | quiet
+  # PYTHONWARNINGS: setuptools warns, in a page of asterisks, that a folder named like a package
+  # may shadow it; here the folders are the package (an editable install of this checkout).
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -c constraints.txt -e ".[export,test]" 2>&1 | quiet
   .venv/bin/python -c "import torch, torchvision, torch_pruning; torchvision.ops.nms" \
     || { echo "setup: torch/torchvision do not import together" >&2; exit 1; }
   echo "$want" > $stamp
