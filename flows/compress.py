@@ -138,7 +138,7 @@ def _run_benchmark(cfg: PipelineConfig, config: dict, target: str, bundles: dict
 # --------------------------------------------------------------------------- MLflow logging
 
 
-def _log_iteration(client, parent_id: str, experiment_id: str, row: dict, tags: dict, plots: Path) -> str:
+def _log_iteration(client, parent_id: str, row: dict, tags: dict, plots: Path) -> str:
     """A nested run for one iteration, plus the parent's step series. Returns the run id."""
     import mlflow
 
@@ -215,6 +215,92 @@ def _fail_orphaned_runs(client, experiment_id: str, config_hash: str) -> list[st
     return ended
 
 
+# --------------------------------------------------------------------------- the flow's stages
+
+
+def _prune_rounds(cfg: PipelineConfig, config: dict, client, parent_id: str, tags: dict, plots: Path,
+                  work: dict) -> tuple[list[dict], dict[int, str]]:
+    """Every keep ratio in turn: prune the previous round's model, retrain, evaluate, log."""
+    logger = get_run_logger()
+    rows, run_ids, parent_model = [], {}, None
+    for i, ratio in enumerate(cfg.prune.keep_ratios):
+        row = _run_iteration(cfg, config, i, parent_model)
+        work[f"round_{i + 1}"] = row.get("task_seconds", 0.0)
+        rows.append(row)
+        run_ids[row["round"]] = _log_iteration(client, parent_id, row, tags, plots)
+        logger.info(f"round {i + 1}: keep {ratio:.0%} -> test acc {row['acc']:.2f}% ({row['acc_change']:+.2f}), "
+                    f"FLOPs -{row['flops_removed_pct']:.1f}%")
+        parent_model = row["model_path"]
+    return rows, run_ids
+
+
+def _export_all(cfg: PipelineConfig, config: dict, base: dict, rows: list[dict], run_dir: Path, client,
+                run_ids: dict[int, str], work: dict) -> dict[str, dict]:
+    """Bundles of the unpruned model (the targets' baseline) and of every round (ONNX per iteration)."""
+    sources = {"unpruned": base["base_path"]} | {f"round_{r['round']}": r["model_path"] for r in rows}
+    bundles = {label: _run_export(cfg, config, path, str(run_dir / "bundles" / label)) for label, path in sources.items()}
+    for label, b in bundles.items():
+        work[f"export {label}"] = b["seconds"]
+    for row in rows:
+        b = bundles[f"round_{row['round']}"]
+        client.log_artifact(run_ids[row["round"]], str(Path(b["bundle"]) / "model.onnx"), "onnx")
+        client.log_metric(run_ids[row["round"]], "parity.max_rel_diff", b["meta"]["parity"][0]["max_rel_diff"])
+    return bundles
+
+
+def _benchmark_all(cfg: PipelineConfig, config: dict, bundles: dict[str, dict], rows: list[dict], run_dir: Path,
+                   client, parent_id: str, run_ids: dict[int, str], work: dict) -> dict[str, dict]:
+    """Every target times all bundles side by side; latency goes to each round's run."""
+    benches = {}
+    for target in cfg.targets:
+        bench = _run_benchmark(cfg, config, target.name, {k: v["bundle"] for k, v in bundles.items()},
+                               run_dir / "bench" / f"{target.name}.json")
+        benches[target.name] = bench
+        work[f"benchmark {target.name}"] = bench["seconds"]
+        if bench["error"]:
+            get_run_logger().warning(f"target {target.name}: not measured: {bench['error']}")
+            continue
+        _log_latency(client, parent_id, bench, "unpruned", 0, parent_id)
+        for row in rows:
+            _log_latency(client, run_ids[row["round"]], bench, f"round_{row['round']}", row["round"], parent_id)
+    return benches
+
+
+def _gate_and_register(cfg: PipelineConfig, config: dict, base: dict, rows: list[dict], chosen: int | None,
+                       bundles: dict[str, dict], benches: dict[str, dict], client, parent_id: str,
+                       config_hash: str) -> dict:
+    """Gate the chosen round, register it as `candidate`, promote it to `champion` if it passed."""
+    import mlflow
+
+    from flows.registry import promote, register_candidate
+
+    logger = get_run_logger()
+    if chosen is None:
+        msg = (f"no pruned model stays within {cfg.prune.tolerance:g} points of the unpruned {base['acc']:.2f}%; "
+               "nothing registered")
+        logger.warning(msg)
+        client.set_tag(parent_id, "pfp.outcome", msg)
+        return {}
+    label, row = f"round_{rows[chosen]['round']}", rows[chosen]
+    latency = {t: [r for r in b["results"] if r["model"] == label] for t, b in benches.items()}
+    baseline = {t: [r for r in b["results"] if r["model"] == "unpruned"] for t, b in benches.items()}
+    errors = {t: b["error"] for t, b in benches.items() if b["error"]}
+    decision = gate_task(config, base["acc"], row["acc"], latency, baseline, errors)
+    mlflow.log_artifacts(bundles[label]["bundle"], "bundle")
+    version = register_candidate(cfg.model_name, parent_id, "bundle", {
+        "onnx_sha256": bundles[label]["meta"]["onnx"]["sha256"], "flops": str(row["flops"]),
+        "acc": f"{row['acc']:.4f}", "round": str(row["round"]), "config_hash": config_hash,
+    })
+    number = str(version.version)
+    promoted = promote(cfg.model_name, number, _decision_object(decision))
+    markdown = _decision_markdown(cfg, number, decision, promoted)
+    create_markdown_artifact(markdown, key=_artifact_key(cfg.name), description="promotion gate decision")
+    mlflow.log_text(markdown, "gate/decision.md")
+    logger.info(f"registered {cfg.model_name} v{number} as candidate; "
+                + ("promoted to champion" if promoted else "NOT promoted: " + decision["summary"]))
+    return {"decision": decision, "version": number, "promoted": promoted}
+
+
 # --------------------------------------------------------------------------- the flow
 
 
@@ -225,8 +311,6 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
     (`config_path`, as deployments pass it) with dotted `overrides`; neither: the quickstart."""
     import mlflow
     from mlflow import MlflowClient
-
-    from flows.registry import promote, register_candidate
 
     start = time.perf_counter()
     if config is None:
@@ -258,77 +342,18 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
         tags = run_tags(config_hash, base["data_hash"]) | {"pfp.calib_hash": str(base["calib_hash"])}
         for k, v in tags.items():
             client.set_tag(parent_id, k, v)
-        logger.info(f"base model {base['base_path']}: test acc {base['acc']:.2f}%, {base['flops']} FLOPs, |S| = {base['calib_size']}")
         log_metrics_at({"iter.acc": base["acc"], "iter.flops": base["flops"], "iter.params": base["params"]}, step=0)
+        logger.info(f"base model {base['base_path']}: test acc {base['acc']:.2f}%, |S| = {base['calib_size']}")
 
-        rows: list[dict] = []
-        run_ids: dict[int, str] = {}
-        parent_model = None
-        for i, ratio in enumerate(cfg.prune.keep_ratios):
-            row = _run_iteration(cfg, config, i, parent_model)
-            work[f"round_{i + 1}"] = row.get("task_seconds", 0.0)
-            rows.append(row)
-            run_ids[row["round"]] = _log_iteration(client, parent_id, experiment_id, row, tags, plots)
-            logger.info(f"round {i + 1}: keep {ratio:.0%} -> test acc {row['acc']:.2f}% ({row['acc_change']:+.2f}), "
-                        f"FLOPs -{row['flops_removed_pct']:.1f}%")
-            parent_model = row["model_path"]
-
+        rows, run_ids = _prune_rounds(cfg, config, client, parent_id, tags, plots, work)
         chosen = choose(base["acc"], rows, cfg.prune.tolerance, cfg.prune.target)
         mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base["acc"], rows, cfg.prune.tolerance, chosen,
                                                        plots / "accuracy_vs_flops.png")), "plots")
-
-        # Export the unpruned model and every round: ONNX per iteration, and the baseline
-        # the targets time side by side.
-        bundles = {"unpruned": _run_export(cfg, config, base["base_path"], str(run_dir / "bundles" / "unpruned"))}
-        for row in rows:
-            bundles[f"round_{row['round']}"] = _run_export(cfg, config, row["model_path"],
-                                                           str(run_dir / "bundles" / f"round_{row['round']}"))
-        for label, b in bundles.items():
-            work[f"export {label}"] = b["seconds"]
-        for row in rows:
-            b = bundles[f"round_{row['round']}"]
-            client.log_artifact(run_ids[row["round"]], str(Path(b["bundle"]) / "model.onnx"), "onnx")
-            client.log_metric(run_ids[row["round"]], "parity.max_rel_diff", b["meta"]["parity"][0]["max_rel_diff"])
-
-        benches = {}
-        for target in cfg.targets:
-            bench = _run_benchmark(cfg, config, target.name, {k: v["bundle"] for k, v in bundles.items()},
-                                   run_dir / "bench" / f"{target.name}.json")
-            benches[target.name] = bench
-            work[f"benchmark {target.name}"] = bench["seconds"]
-            if bench["error"]:
-                logger.warning(f"target {target.name}: not measured: {bench['error']}")
-                continue
-            _log_latency(client, parent_id, bench, "unpruned", 0, parent_id)
-            for row in rows:
-                _log_latency(client, run_ids[row["round"]], bench, f"round_{row['round']}", row["round"], parent_id)
-
+        bundles = _export_all(cfg, config, base, rows, run_dir, client, run_ids, work)
+        benches = _benchmark_all(cfg, config, bundles, rows, run_dir, client, parent_id, run_ids, work)
         result: dict[str, Any] = {"base": base, "rounds": rows, "chosen": chosen, "parent_run_id": parent_id,
                                   "benchmarks": benches, "decision": None, "version": None, "promoted": False}
-        if chosen is None:
-            msg = (f"no pruned model stays within {cfg.prune.tolerance:g} points of the unpruned {base['acc']:.2f}%; "
-                   "nothing registered")
-            logger.warning(msg)
-            client.set_tag(parent_id, "pfp.outcome", msg)
-        else:
-            label = f"round_{rows[chosen]['round']}"
-            latency = {t: [r for r in b["results"] if r["model"] == label] for t, b in benches.items()}
-            baseline = {t: [r for r in b["results"] if r["model"] == "unpruned"] for t, b in benches.items()}
-            errors = {t: b["error"] for t, b in benches.items() if b["error"]}
-            decision = gate_task(config, base["acc"], rows[chosen]["acc"], latency, baseline, errors)
-            mlflow.log_artifacts(bundles[label]["bundle"], "bundle")
-            version = register_candidate(cfg.model_name, parent_id, "bundle", {
-                "onnx_sha256": bundles[label]["meta"]["onnx"]["sha256"], "flops": str(rows[chosen]["flops"]),
-                "acc": f"{rows[chosen]['acc']:.4f}", "round": str(rows[chosen]["round"]), "config_hash": config_hash,
-            })
-            number = str(version.version)
-            promoted = promote(cfg.model_name, number, _decision_object(decision))
-            result.update(decision=decision, version=number, promoted=promoted)
-            markdown = _decision_markdown(cfg, number, decision, promoted)
-            create_markdown_artifact(markdown, key=_artifact_key(cfg.name), description="promotion gate decision")
-            mlflow.log_text(markdown, "gate/decision.md")
-            logger.info(f"registered {cfg.model_name} v{number} as candidate; "
-                        + ("promoted to champion" if promoted else "NOT promoted: " + decision["summary"]))
+        result |= _gate_and_register(cfg, config, base, rows, chosen, bundles, benches, client, parent_id, config_hash)
 
         total = time.perf_counter() - start
         inside = sum(work.values())
