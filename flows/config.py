@@ -43,7 +43,7 @@ class TargetConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"{v!r} must match {NAME_RE.pattern} (no paths, no spaces)")
         return v
 
