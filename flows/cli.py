@@ -26,6 +26,8 @@ from pfp.cli import ConfigArg, ProgressOpt, SetOpt, _errors, _split, parse_sets
 # No telemetry from the ephemeral server (these machines are offline; its heartbeat also
 # contends for the server's sqlite file). A user's own setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The ephemeral server's default 20 s to come up is tight on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 # run and compare are replaced below by their tracked flow versions.
 app = extend(export_app, drop=("run", "compare"))

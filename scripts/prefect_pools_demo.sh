@@ -4,6 +4,7 @@
 # runs on the cpu pool's worker and sends every prune-retrain round to the gpu pool's worker.
 #   bash scripts/prefect_pools_demo.sh        (state under .prefect-demo/; Ctrl-C or the end stops all)
 set -euo pipefail
+set -m  # background jobs in their own process groups: otherwise they ignore SIGINT
 cd "$(dirname "$0")/.."
 export PFP_REPO=$PWD
 export PREFECT_HOME=$PWD/.prefect-demo
