@@ -29,8 +29,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The ephemeral server's default 20 s to come up is tight on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-# run and compare are replaced below by their tracked flow versions.
-app = extend(export_app, drop=("run", "compare"))
+# run, compare and validate are replaced below by their pipeline versions.
+app = extend(export_app, drop=("run", "compare", "validate"))
+app.info.help = ("Provable Filter Pruning pipeline: prune CNN filters with data-informed sensitivities, "
+                 "retrain, export, benchmark, gate and register (Prefect flows, MLflow tracking).")
 
 
 def _flow_errors():
@@ -94,6 +96,29 @@ def compare_cmd(
         cfg = _load(config, set_)
         compare_flow(cfg.model_dump(mode="json"), methods=_split(methods, "methods"),
                      reductions=_split(reductions, "reductions", float))
+
+
+@app.command("validate")
+def validate_cmd(config: Annotated[Path, typer.Argument(help="YAML config to check")], set_: SetOpt = None) -> None:
+    """Check a pipeline config (every section, model name, targets, gate) without running anything."""
+    with _flow_errors():
+        from flows.config import load_pipeline_config
+        from pfp.cli import _check_model_name
+        from pfp.config import ConfigError
+
+        cfg = load_pipeline_config(config, parse_sets(set_))
+        _check_model_name(cfg.model.name)
+        ckpt = cfg.model.pretrained_checkpoint
+        if ckpt and not Path(ckpt).is_file():
+            raise ConfigError(f"{config}: field 'model.pretrained_checkpoint': file {ckpt} not found")
+        p = cfg.prune
+        Console().print(
+            f"OK: {config}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}; {p.method} cascade to "
+            f"{', '.join(f'{r:g}' for r in p.keep_ratios)} of the {p.target}; targets "
+            f"{', '.join(t.name + ' (' + t.backend + ')' for t in cfg.targets)}; gate: accuracy drop <= "
+            f"{cfg.gate.max_acc_drop:g} points and {len(cfg.gate.latency)} latency check(s)",
+            highlight=False, soft_wrap=True,
+        )
 
 
 @app.command("serve")

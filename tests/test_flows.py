@@ -230,3 +230,17 @@ def test_pipeline_quickstart_yaml_matches_the_embedded_defaults():
     from_file = load_pipeline_config(REPO / "configs" / "pipeline_quickstart.yaml")
     assert from_file.model_dump(exclude={"schedule"}) == load_pipeline_config(None).model_dump(exclude={"schedule"})
     assert yaml.safe_load((REPO / "configs" / "pipeline_quickstart.yaml").read_text())["prune"] == PIPELINE_QUICKSTART["prune"]
+
+
+def test_validate_checks_a_whole_pipeline_config(tmp_path):
+    from flows.cli import app
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path)))
+    res = cli.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and "targets cpu (ort-cpu)" in res.output
+    raw = tiny(tmp_path)
+    raw["targets"][0]["name"] = "../etc"
+    path.write_text(yaml.safe_dump(raw))
+    res = cli.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2 and "field 'targets.0.name'" in res.output
