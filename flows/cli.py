@@ -55,6 +55,9 @@ def _summary(result: dict) -> Table:
     for col in ("round", "keep", "acc", "change", "FLOPs removed", "coverage (min)"):
         t.add_column(col, justify="right")
     for i, r in enumerate(result["rounds"]):
+        if r.get("error"):
+            t.add_row(str(r["round"]), f"{r['keep_ratio']:.0%}", "failed", "", "", "", style="red")
+            continue
         mark = " *" if result["chosen"] == i else ""
         cov = f"{r['coverage_min']:.3f}" if r.get("coverage_min") is not None else "-"
         t.add_row(f"{r['round']}{mark}", f"{r['keep_ratio']:.0%}", f"{r['acc']:.2f}%", f"{r['acc_change']:+.2f}",

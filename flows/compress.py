@@ -227,6 +227,10 @@ def _prune_rounds(cfg: PipelineConfig, config: dict, client, parent_id: str, tag
         row = _run_iteration(cfg, config, i, parent_model)
         work[f"round_{i + 1}"] = row.get("task_seconds", 0.0)
         rows.append(row)
+        if row.get("error"):
+            logger.warning(f"round {i + 1}: cannot prune to {ratio:.0%}: {row['error']}; stopping the cascade")
+            client.set_tag(parent_id, f"pfp.round_{i + 1}.error", row["error"][:5000])
+            break
         run_ids[row["round"]] = _log_iteration(client, parent_id, row, tags, plots)
         logger.info(f"round {i + 1}: keep {ratio:.0%} -> test acc {row['acc']:.2f}% ({row['acc_change']:+.2f}), "
                     f"FLOPs -{row['flops_removed_pct']:.1f}%")
@@ -349,8 +353,9 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
         chosen = choose(base["acc"], rows, cfg.prune.tolerance, cfg.prune.target)
         mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base["acc"], rows, cfg.prune.tolerance, chosen,
                                                        plots / "accuracy_vs_flops.png")), "plots")
-        bundles = _export_all(cfg, config, base, rows, run_dir, client, run_ids, work)
-        benches = _benchmark_all(cfg, config, bundles, rows, run_dir, client, parent_id, run_ids, work)
+        done = [r for r in rows if not r.get("error")]
+        bundles = _export_all(cfg, config, base, done, run_dir, client, run_ids, work)
+        benches = _benchmark_all(cfg, config, bundles, done, run_dir, client, parent_id, run_ids, work)
         result: dict[str, Any] = {"base": base, "rounds": rows, "chosen": chosen, "parent_run_id": parent_id,
                                   "benchmarks": benches, "decision": None, "version": None, "promoted": False}
         result |= _gate_and_register(cfg, config, base, rows, chosen, bundles, benches, client, parent_id, config_hash)

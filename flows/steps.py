@@ -17,7 +17,8 @@ from export.inputs import calibration_inputs, test_batches
 from export.latency import LatencySettings
 from export.onnx_export import sha256_file
 from flows.config import PipelineConfig, TargetConfig
-from pfp.pipeline import cached_setup, calibration_fingerprint, run_iteration
+from pfp.pipeline import _error_row, cached_setup, calibration_fingerprint, run_iteration
+from pfp.prune import PruneError
 
 
 def calibrate(cfg: PipelineConfig, *, console: Console | None = None, progress: bool = True) -> dict:
@@ -34,9 +35,18 @@ def calibrate(cfg: PipelineConfig, *, console: Console | None = None, progress: 
 
 def iterate(cfg: PipelineConfig, index: int, parent: str | None, *, console: Console | None = None,
             progress: bool = True) -> dict:
-    """Cascade round `index`: prune `parent` (None: base), retrain, evaluate (resumable)."""
+    """Cascade round `index`: prune `parent` (None: base), retrain, evaluate (resumable).
+
+    A target pruning cannot reach (PruneError) comes back as a row with its `error`, as in
+    `pfp.pipeline.run_cascade`: the cascade stops there and keeps the rounds before it.
+    """
     start = time.perf_counter()
-    row = run_iteration(cfg, index, parent, console=console, progress=progress)
+    try:
+        row = run_iteration(cfg, index, parent, console=console, progress=progress)
+    except PruneError as e:
+        pc = cfg.prune
+        return _error_row(pc.method, pc.target, pc.keep_ratios[index], e) | {
+            "round": index + 1, "task_seconds": time.perf_counter() - start}
     report = json.loads(Path(row["report_path"]).read_text()) if Path(row["report_path"]).is_file() else {}
     coverage = [layer["coverage"] for layer in report.get("layers", []) if layer.get("coverage") is not None]
     row["coverage_min"] = min(coverage) if coverage else None

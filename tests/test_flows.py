@@ -244,3 +244,17 @@ def test_validate_checks_a_whole_pipeline_config(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     res = cli.invoke(app, ["validate", str(path)])
     assert res.exit_code == 2 and "field 'targets.0.name'" in res.output
+
+
+def test_unreachable_target_stops_the_cascade_and_keeps_earlier_rounds(harness, tmp_path):
+    from flows.compress import compress_flow
+
+    cfg = tiny(tmp_path)
+    cfg["prune"] = {**cfg["prune"], "keep_ratios": [0.8, 0.01]}  # 1% of FLOPs: below what layers allow
+    result = compress_flow(config=cfg)
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert result["rounds"][0]["error"] is None and "PruneError" in result["rounds"][1]["error"]
+    assert result["chosen"] == 0 and result["version"] == "1"  # round 1 still exported, gated, registered
+    client = _client(tmp_path)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "PruneError" in parent.data.tags["pfp.round_2.error"]
