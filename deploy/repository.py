@@ -182,6 +182,9 @@ class VersionMeta(BaseModel):
     max_batch_size: int = Field(0, ge=0, description="0: no batching by Triton; dims include the batch axis")
     inputs: list[TensorSpec] = Field(default_factory=list)
     outputs: list[TensorSpec] = Field(default_factory=list)
+    engine: dict[str, Any] | None = Field(None, description="TensorRT engine record (export.engine_record)")
+    reference_check: dict[str, Any] | None = Field(None, description="the device's check against the "
+                                                                     "bundle's reference outputs")
 
     @field_validator("registry_version", mode="before")
     @classmethod

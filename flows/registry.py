@@ -32,6 +32,9 @@ CANDIDATE = "candidate"
 CHAMPION = "champion"
 BUNDLE_FILES = ("model.onnx", "model.pt", "export.json")
 SHA_TAG = "onnx_sha256"
+# What a device checks besides the ONNX file: the reference inputs/outputs it verifies its engine with.
+REFERENCE_FILE = "reference.npz"
+REFERENCE_TAG = "reference_sha256"
 # MLflow's registry tag value limit is 100k characters; a summary never needs more than this.
 _MAX_TAG = 5000
 
@@ -55,9 +58,9 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def _loggedsha256_file(client: MlflowClient, run_id: str, artifact_path: str) -> str:
+def _logged_sha256(client: MlflowClient, run_id: str, artifact_path: str, file: str = "model.onnx") -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, f"{artifact_path}/model.onnx", tmp)
+        local = client.download_artifacts(run_id, f"{artifact_path}/{file}", tmp)
         return sha256_file(Path(local))
 
 
@@ -79,7 +82,9 @@ def register_candidate(model_name: str, run_id: str, artifact_path: str, tags: d
                          f"log the bundle folder first (mlflow.log_artifacts(bundle_dir, {artifact_path!r}))")
     version_tags = {str(k): str(v) for k, v in tags.items()}
     if not version_tags.get(SHA_TAG):
-        version_tags[SHA_TAG] = _loggedsha256_file(client, run_id, artifact_path)
+        version_tags[SHA_TAG] = _logged_sha256(client, run_id, artifact_path)
+    if REFERENCE_FILE in present and not version_tags.get(REFERENCE_TAG):
+        version_tags[REFERENCE_TAG] = _logged_sha256(client, run_id, artifact_path, REFERENCE_FILE)
 
     _ensure_registered_model(client, model_name)
     mv = client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
@@ -125,17 +130,20 @@ def get_by_alias(model_name: str, alias: str) -> ModelVersion | None:
         raise
 
 
-def _verify(folder: Path, expected: str, label: str) -> None:
-    onnx = folder / "model.onnx"
-    if not onnx.is_file():
-        raise ValueError(f"{label}: the download has no model.onnx")
-    actual = sha256_file(onnx)
-    if actual != expected:
-        raise ValueError(f"{label}: model.onnx sha256 {actual} does not match the version's {SHA_TAG} tag {expected}")
+def _verify(folder: Path, expected: dict[str, str], label: str) -> None:
+    for file, tag in (("model.onnx", SHA_TAG), (REFERENCE_FILE, REFERENCE_TAG)):
+        if tag not in expected:
+            continue
+        path = folder / file
+        if not path.is_file():
+            raise ValueError(f"{label}: the download has no {file}")
+        actual = sha256_file(path)
+        if actual != expected[tag]:
+            raise ValueError(f"{label}: {file} sha256 {actual} does not match the version's {tag} tag {expected[tag]}")
     # export.json records both files' hashes; check them too where present.
     meta_file = folder / "export.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    for key in ("onnx", "model"):
+    for key in ("onnx", "model", "reference"):
         entry = meta.get(key) if isinstance(meta.get(key), dict) else {}
         if entry.get("file") and entry.get("sha256"):
             f = folder / entry["file"]
@@ -143,20 +151,25 @@ def _verify(folder: Path, expected: str, label: str) -> None:
                 raise ValueError(f"{label}: {entry['file']} does not match the sha256 in export.json")
 
 
-def download_version(model_name: str, version: str, dst: str | Path) -> Path:
+def download_version(model_name: str, version: str, dst: str | Path, *, require_reference: bool = False) -> Path:
     """Download version `version`'s bundle into the folder `dst` and return it.
 
-    model.onnx must match the version's `onnx_sha256` tag (ValueError naming the file
-    otherwise); the files are fetched and checked in a staging folder beside `dst`, so a
-    bundle that fails the check never appears in `dst`.
+    model.onnx must match the version's `onnx_sha256` tag, and reference.npz its
+    `reference_sha256` tag where the version has one (required with `require_reference`,
+    as a device needs the references); ValueError naming the file otherwise. The files are
+    fetched and checked in a staging folder beside `dst`, so a bundle that fails the check
+    never appears in `dst`.
     """
     client = MlflowClient()
     version = str(version)
     mv = client.get_model_version(model_name, version)
     label = f"{model_name} v{version}"
-    expected = mv.tags.get(SHA_TAG)
-    if not expected:
+    expected = {tag: mv.tags[tag] for tag in (SHA_TAG, REFERENCE_TAG) if mv.tags.get(tag)}
+    if SHA_TAG not in expected:
         raise ValueError(f"{label} has no {SHA_TAG} tag; its model.onnx cannot be verified")
+    if require_reference and REFERENCE_TAG not in expected:
+        raise ValueError(f"{label} has no {REFERENCE_TAG} tag; its reference outputs cannot be verified "
+                         "(register it again from a bundle with reference.npz)")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.with_name(f".{dst.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -175,5 +188,5 @@ def download_version(model_name: str, version: str, dst: str | Path) -> Path:
     return dst
 
 
-__all__ = ["BUNDLE_FILES", "CANDIDATE", "CHAMPION", "download_version", "get_by_alias", "promote",
+__all__ = ["BUNDLE_FILES", "CANDIDATE", "CHAMPION", "REFERENCE_TAG", "SHA_TAG", "download_version", "get_by_alias", "promote",
            "register_candidate"]

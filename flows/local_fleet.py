@@ -1,0 +1,173 @@
+"""A fleet on one machine, for trying the edge path and for its tests: a real Prefect server
+on 127.0.0.1 and one real process worker per device, each started as its own process with
+its own device folder, as real devices would run them.
+
+    with LocalFleet(tmp, devices=[("orin-canary-01", "jetson-orin"), ...], mlflow_uri=uri) as fleet:
+        fleet.register_deployments()           # pfp-device-{deploy,rollback,status}/<pool>
+        deploy_flow(...)                        # with PREFECT_API_URL = fleet.api_url
+        fleet.kill_worker("orin-fleet-02")      # a device lost mid-job
+
+Nothing here is a stand-in: `prefect server start` and `prefect worker start` are Prefect's
+own commands; the only local thing is that every "device" is a folder on this machine.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefect() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def _signal(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class LocalFleet:
+    """A Prefect server and per-device process workers as subprocesses (see module doc)."""
+
+    def __init__(self, home: str | Path, devices: Sequence[tuple[str, str]], *, mlflow_uri: str,
+                 port: int | None = None, poll_s: float = 1.0, extra_env: dict[str, dict[str, str]] | None = None,
+                 startup_timeout_s: float = 180.0) -> None:
+        self.home = Path(home).resolve()
+        self.devices = list(devices)
+        self.mlflow_uri = mlflow_uri
+        self.port = port or free_port()
+        self.poll_s = poll_s
+        self.extra_env = extra_env or {}
+        self.startup_timeout_s = startup_timeout_s
+        self.server: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        """The environment for anything that talks to this fleet's server."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update({
+            "PREFECT_HOME": str(self.home / "prefect"), "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": str(self.poll_s),
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO",
+            "MLFLOW_TRACKING_URI": self.mlflow_uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+        })
+        return env
+
+    def device_root(self, device: str) -> Path:
+        return self.home / "devices" / device
+
+    # --------------------------------------------------------------- lifecycle
+
+    def start(self) -> "LocalFleet":
+        (self.home / "prefect").mkdir(parents=True, exist_ok=True)
+        (self.home / "logs").mkdir(exist_ok=True)
+        log = open(self.home / "logs" / "server.log", "ab")
+        self.server = subprocess.Popen(
+            [_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_healthy()
+        for pool in sorted({p for _, p in self.devices}):
+            subprocess.run([_prefect(), "work-pool", "create", pool, "--type", "process", "--overwrite"],
+                           env=self.env(), check=True, capture_output=True, timeout=120)
+        for device, pool in self.devices:
+            self.start_worker(device, pool)
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"prefect server exited ({self.server.returncode}); see {self.home / 'logs'}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"prefect server did not answer on {self.api_url} within {self.startup_timeout_s:g} s")
+
+    def start_worker(self, device: str, pool: str | None = None) -> subprocess.Popen:
+        """Start (or restart) the device's worker: its own process group, folder and queue."""
+        pool = pool or dict(self.devices)[device]
+        root = self.device_root(device)
+        root.mkdir(parents=True, exist_ok=True)
+        env = self.env() | {"PFP_DEVICE_NAME": device, "PFP_DEVICE_ROOT": str(root)} | self.extra_env.get(device, {})
+        log = open(self.home / "logs" / f"worker-{device}.log", "ab")
+        self.workers[device] = subprocess.Popen(
+            [_prefect(), "worker", "start", "--pool", pool, "--work-queue", device, "--type", "process",
+             "--name", f"worker-{device}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO))
+        return self.workers[device]
+
+    def kill_worker(self, device: str, sig: int = signal.SIGKILL) -> None:
+        """Kill the device's worker and every job it runs (its whole process group): power loss."""
+        p = self.workers.pop(device, None)
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=30)
+
+    def register_deployments(self) -> list[str]:
+        """The device flows' deployments on every pool (in a subprocess talking to this server)."""
+        pools = sorted({p for _, p in self.devices})
+        code = ("import sys; from flows.device import register_device_deployments as r; "
+                f"print('DEPLOYMENTS', *r({pools!r}, {str(REPO)!r}))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env(), cwd=str(REPO), capture_output=True,
+                             text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"registering deployments failed: {out.stderr.strip().splitlines()[-1:]}")
+        return next(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("DEPLOYMENTS "))
+
+    def stop(self) -> None:
+        """Workers first (SIGINT, then SIGKILL after 15 s), then the server."""
+        procs = list(self.workers.values())
+        self.workers.clear()
+        for group in (procs, [self.server] if self.server else []):
+            for p in group:
+                _signal(p, signal.SIGINT)
+            deadline = time.monotonic() + 15
+            for p in group:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal(p, signal.SIGKILL)
+                    p.wait(timeout=10)
+        self.server = None
+
+    def __enter__(self) -> "LocalFleet":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["LocalFleet", "free_port"]
