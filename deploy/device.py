@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from deploy.repository import (
-    RepositoryError, _model_dir, _read_state, _read_version_meta, activate, install, rollback, safe_join,
+    RepositoryError, _model_dir, _read_state, _read_version_meta, activate, deactivate, install, rollback, safe_join,
     served_version, validate_name,
 )
 
@@ -276,6 +276,8 @@ def check_budget(built: Built, budget_ms: float | None, *, metric: str = "p50", 
     """LatencyOverBudget if `metric` at the smallest measured batch is over `budget_ms`."""
     if budget_ms is None:
         return
+    if not built.latency:
+        raise DeviceError(f"device {device}: nothing was timed, so the budget {budget_ms:g} ms cannot be checked")
     batch = min(r["batch"] for r in built.latency)
     value = built.p(metric, batch)
     if value is None or value > budget_ms:
@@ -333,8 +335,13 @@ def run_installed(root: str | Path, model_name: str, version: int, reference: st
 
 def activate_checked(root: str | Path, model_name: str, version: int, *, reference: str | Path,
                      lock_wait_s: float = 2.0) -> dict:
-    """Activate `version`, then run the served file against the references; if that fails,
-    roll back to what was active before (when there was one) and raise. The new state."""
+    """Check the installed `version` from the repository, activate it, and check what is
+    served once more; if that fails, re-activate what was active before (or serve nothing
+    when nothing was) and raise. The new state."""
+    try:
+        run_installed(root, model_name, version, reference)
+    except Exception as e:
+        raise DeviceError(f"version {version} failed its check before activation ({e}); not activated") from e
     state = activate(root, model_name, version, lock_wait_s=lock_wait_s)
     try:
         run_installed(root, model_name, version, reference)
@@ -343,8 +350,9 @@ def activate_checked(root: str | Path, model_name: str, version: int, *, referen
             rollback(root, model_name, lock_wait_s=lock_wait_s)
             raise DeviceError(f"version {version} failed its check after activation ({e}); "
                               f"rolled back to version {state['previous']}") from e
+        deactivate(root, model_name, lock_wait_s=lock_wait_s)
         raise DeviceError(f"version {version} failed its check after activation ({e}); "
-                          "no previous version to roll back to") from e
+                          "nothing was active before, so nothing is served now") from e
     return state
 
 

@@ -452,6 +452,25 @@ def rollback(root: str | os.PathLike, model_name: str, *, lock_wait_s: float = L
         return _activate_locked(mdir, previous, "rollback", verify=True)
 
 
+def deactivate(root: str | os.PathLike, model_name: str, *, lock_wait_s: float = LOCK_WAIT_S) -> dict:
+    """Serve no version of `model_name` (config.pbtxt removed; the active one becomes
+    `previous`, so a rollback re-activates it). For a first version that failed its check."""
+    mdir = _model_dir(root, model_name)
+    if not mdir.is_dir():
+        raise RepositoryError(f"{mdir}: no model {model_name!r} in the repository")
+    with model_lock(root, model_name, wait_s=lock_wait_s):
+        state = _read_state(mdir)
+        if state.get("active") is not None:
+            state["previous"], state["active"] = state["active"], None
+        state["history"] = [*state.get("history", []), {"action": "deactivate", "previous": state["previous"],
+                                                        "at": _now()}]
+        # State first, as in activate: a crash in between leaves status saying "run it again".
+        _write_state(mdir, state)
+        (mdir / CONFIG_FILE).unlink(missing_ok=True)
+        _fsync_dir(mdir)
+        return state
+
+
 def _activate_locked(mdir: Path, version: int, action: str, verify: bool) -> dict:
     meta = _read_version_meta(mdir, version)
     model_file = mdir / str(version) / meta["file"]
@@ -643,7 +662,7 @@ def _remove(path: Path) -> None:
 
 
 __all__ = [
-    "DeviceBusy", "RepositoryError", "TensorSpec", "VersionMeta", "activate", "cleanup", "device_root",
+    "DeviceBusy", "RepositoryError", "TensorSpec", "VersionMeta", "activate", "cleanup", "deactivate", "device_root",
     "install", "model_lock", "render_config", "rollback", "safe_join", "served_version", "status",
     "validate_name",
 ]

@@ -51,7 +51,7 @@ class DeviceJob(BaseModel):
     @field_validator("device", "model_name", "rollout_id")
     @classmethod
     def _names(cls, v: str, info) -> str:
-        return validate_name(v, info.field_name.replace("_", " "))
+        return validate_name(v, {"device": "device name", "model_name": "model name"}.get(info.field_name, "rollout id"))
 
     @field_validator("version", mode="before")
     @classmethod
@@ -124,7 +124,9 @@ def plan_stages(targets: Sequence[Target], settings: RolloutSettings, only: Sequ
     """The stages in `settings.roles` order, each split into waves of `max_parallel` devices.
     `only` restricts the rollout to those device names (each must be a target)."""
     chosen = list(targets)
-    if only:
+    if only is not None:
+        if not only:
+            raise ValueError("the list of devices to deploy to is empty")
         names = {t.name for t in targets}
         unknown = [d for d in only if d not in names]
         if unknown:
@@ -193,7 +195,7 @@ class RolloutReport:
                 "outcomes": [o.to_dict() for o in self.outcomes]}
 
     def to_markdown(self) -> str:
-        lines = [f"**Rollout {self.rollout_id}**: {self.summary()}", "",
+        lines = [f"**Rollout {self.rollout_id}**: {' '.join(self.summary().split())}", "",
                  "| device | stage | status | backend | p50 ms (smallest batch) | rolled back | reason |",
                  "|---|---|---|---|---|---|---|"]
         for o in self.outcomes:

@@ -108,12 +108,12 @@ class LocalFleet:
             time.sleep(0.5)
         raise RuntimeError(f"prefect server did not answer on {self.api_url} within {self.startup_timeout_s:g} s")
 
-    def start_worker(self, device: str, pool: str | None = None) -> subprocess.Popen:
+    def start_worker(self, device: str, pool: str | None = None, *, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start (or restart) the device's worker: its own process group, folder and queue."""
         pool = pool or dict(self.devices)[device]
         root = self.device_root(device)
         root.mkdir(parents=True, exist_ok=True)
-        env = self.env() | {"PFP_DEVICE_NAME": device, "PFP_DEVICE_ROOT": str(root)} | self.extra_env.get(device, {})
+        env = self.env() | {"PFP_DEVICE_NAME": device, "PFP_DEVICE_ROOT": str(root)} | self.extra_env.get(device, {}) | (extra_env or {})
         log = open(self.home / "logs" / f"worker-{device}.log", "ab")
         self.workers[device] = subprocess.Popen(
             [_prefect(), "worker", "start", "--pool", pool, "--work-queue", device, "--type", "process",

@@ -135,9 +135,20 @@ def wait_for_run(flow_run_id, pickup_timeout_s: float, run_timeout_s: float) -> 
 def dispatch(kind: str, target: Target, parameters: dict, name: str):
     """Start a device flow on `target`'s own queue without waiting; the flow run."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    return run_deployment(deployment_name(kind, target.work_pool), parameters=parameters, timeout=0,
-                          work_queue_name=target.work_queue, flow_run_name=name, as_subflow=False)
+    deployment = deployment_name(kind, target.work_pool)
+    try:
+        return run_deployment(deployment, parameters=parameters, timeout=0, work_queue_name=target.work_queue,
+                              flow_run_name=name, as_subflow=False)
+    except ObjectNotFound:
+        raise LookupError(f"no deployment {deployment} on the Prefect server; register the device flows "
+                          f"for pool {target.work_pool!r} (pfp device register)") from None
+
+
+def _error_text(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if text and text != "None" else type(e).__name__
 
 
 def deploy_one(target: Target, job: dict, experiment: str, experiment_id: str, parent_run_id: str,
@@ -151,7 +162,7 @@ def deploy_one(target: Target, job: dict, experiment: str, experiment_id: str, p
         out.flow_run_id = str(fr.id)
         status, reason = wait_for_run(fr.id, settings.pickup_timeout_s, settings.run_timeout_s)
     except Exception as e:  # noqa: BLE001 - no deployment, API down: this device failed, say why
-        out.reason = f"could not dispatch: {' '.join(str(e).split()) or type(e).__name__}"
+        out.reason = f"could not dispatch: {_error_text(e)}"
         out.seconds = time.monotonic() - start
         return out
     out.seconds = time.monotonic() - start
@@ -174,7 +185,7 @@ def rollback_one(target: Target, model_name: str, version: str, settings: Rollou
                                            "only_if_version": version}, f"{target.name}: rollback {model_name}")
         status, reason = wait_for_run(fr.id, min(settings.pickup_timeout_s, 60.0), min(settings.run_timeout_s, 300.0))
     except Exception as e:  # noqa: BLE001
-        return None, f"rollback not dispatched: {e}"
+        return None, f"rollback not dispatched: {_error_text(e)}"
     if status != "ok":
         return None, f"rollback {status}: {reason}"
     return True, ""

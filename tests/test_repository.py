@@ -387,3 +387,20 @@ def test_status_is_json_ready_and_flags_a_half_done_activation(root: Path):
     assert any("serves version 1" in p for p in st["problems"])
     state = activate(root, "lenet", 2)  # running it again completes it, previous kept
     assert (state["active"], state["previous"]) == (2, 1) and status(root)["lenet"]["in_sync"]
+
+
+def test_deactivate_serves_nothing_and_rollback_restores(tmp_path):
+    from deploy.repository import deactivate
+
+    root = tmp_path / "repo"
+    v1 = put(root, "m", b"one")
+    activate(root, "m", v1)
+    state = deactivate(root, "m")
+    assert (state["active"], state["previous"]) == (None, v1)
+    assert not (root / "m" / CONFIG_FILE).exists() and served_version(root / "m") is None
+    st = status(root)["m"]
+    assert st["in_sync"] and st["problems"] == [] and st["active"] is None
+    assert rollback(root, "m")["active"] == v1
+    assert served_version(root / "m") == v1
+    with pytest.raises(RepositoryError, match="no model 'nope'"):
+        deactivate(root, "nope")

@@ -1,0 +1,317 @@
+"""Edge deployment for real: a Prefect server on 127.0.0.1, one process worker per device
+started as its own process with its own device folder, a real sqlite MLflow store with the
+registry, real ONNX bundles built, checked, timed and installed by the workers.
+
+The faults are real too: an artifact changed in the store, a version that is not
+registered, device names with paths in them, two deploys to one device at once, a worker
+(and the job it runs) killed mid-download, a device with no worker. After each, every
+device must still serve what it served before, and the rollout must say why it stopped.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+DEVICES = [("c1", "orin"), ("f1", "orin"), ("f2", "nano")]
+MODEL = "edge-tiny"
+FAST = {"max_time_s": 0.3, "pickup_timeout_s": 20, "run_timeout_s": 120, "busy_timeout_s": 5}
+
+
+def targets_file(folder: Path, extra: list[dict] | None = None, name: str = "targets.yaml") -> Path:
+    rows = [
+        {"name": "c1", "work_pool": "orin", "role": "canary", "backend_preference": ["tensorrt", "ort-cpu"]},
+        {"name": "f1", "work_pool": "orin", "role": "fleet", "backend_preference": ["ort-cpu"]},
+        {"name": "f2", "work_pool": "nano", "role": "fleet", "backend_preference": ["ort-cpu"], "batch_sizes": [1, 4]},
+        *(extra or []),
+    ]
+    path = folder / name
+    path.write_text(yaml.safe_dump({"targets": rows}))
+    return path
+
+
+def make_version(folder: Path, seed: int) -> str:
+    """Export a real LeNet5 bundle (weights from `seed`), log it, register it, make it champion."""
+    import mlflow
+    import torch
+
+    from deploy.gate import GateDecision
+    from export.bundle import export_bundle
+    from flows.registry import promote, register_candidate
+    from flows.tracking import tracked_run
+    from pfp.models import build_model
+    from pfp.serialization import save_model
+
+    torch.manual_seed(seed)
+    spec = {"name": "lenet5", "num_classes": 10, "in_channels": 1, "input_size": 16}
+    out = folder / f"v-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "m.pt", build_model(**spec).eval(), spec)
+    g = torch.Generator().manual_seed(1)
+    export_bundle(out / "m.pt", out / "bundle", [torch.randn(32, 1, 16, 16, generator=g) for _ in range(2)],
+                  parity_samples=64, exporter="torchscript")
+    with tracked_run(f"bundle seed {seed}") as run:
+        mlflow.log_artifacts(str(out / "bundle"), "bundle")
+    v = register_candidate(MODEL, run.info.run_id, "bundle", {})
+    promote(MODEL, v.version, GateDecision(passed=True, checks=[]))
+    return v.version
+
+
+def served(fleet, device: str) -> str | None:
+    from deploy.device import active_registry_version
+
+    return active_registry_version(fleet.device_root(device), MODEL)[1]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.local_fleet import LocalFleet
+    from flows.tracking import setup_mlflow
+
+    home = tmp_path_factory.mktemp("fleet")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    setup_mlflow(uri, "bundles")
+    with LocalFleet(home, DEVICES, mlflow_uri=uri) as f:
+        f.register_deployments()
+        with temporary_settings(updates={PREFECT_API_URL: f.api_url}):
+            f.uri = uri
+            yield f
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
+def rollout(fleet, targets: Path, **kw):
+    from flows.rollout import deploy_flow
+
+    settings = {**FAST, **kw.pop("settings", {})}
+    return deploy_flow(str(targets), MODEL, settings=settings, tracking_uri=fleet.uri, **kw)
+
+
+def stopped(fleet, targets: Path, **kw) -> dict:
+    from flows.rollout import RolloutStopped
+
+    with pytest.raises(RolloutStopped) as e:
+        rollout(fleet, targets, **kw)
+    return e.value.report
+
+
+def no_run_left_running(fleet) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(fleet.uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(exps, "attributes.status = 'RUNNING'") == []
+
+
+def test_rollout_canary_then_fleet_records_every_device(fleet, tmp_path):
+    from mlflow import MlflowClient
+
+    v1 = make_version(tmp_path, seed=1)
+    report = rollout(fleet, targets_file(tmp_path))
+    assert report["passed"] and [o["status"] for o in report["outcomes"]] == ["active"] * 3
+    assert [o["stage"] for o in report["outcomes"]] == ["canary", "fleet", "fleet"]
+    for o in report["outcomes"]:
+        assert served(fleet, o["device"]) == v1
+        assert o["result"]["backend"] == "ort-cpu" and o["result"]["repository_version"] == 1
+    c1 = report["outcomes"][0]["result"]
+    assert "tensorrt" in c1["skipped_backends"]          # preferred, not installed here: said why
+    assert set(report["outcomes"][2]["result"]["latency"]) == {"b1", "b4"}
+
+    client = MlflowClient(fleet.uri)
+    tags = client.get_model_version(MODEL, v1).tags
+    for d in ("c1", "f1", "f2"):
+        rec = json.loads(tags[f"deploy.{d}"])
+        assert rec["status"] == "active" and rec["artifact_sha256"] == tags["onnx_sha256"]
+        assert rec["latency"]["b1"]["p50_ms"] > 0
+    # The canary finished before any fleet device started.
+    exp = client.get_experiment_by_name(f"{MODEL}-deploy")
+    runs = {r.data.tags["pfp.device"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.`pfp.rollout_id` = '{report['rollout_id']}' and tags.`pfp.flow` = 'device-deploy'")}
+    assert set(runs) == {"c1", "f1", "f2"} and all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["c1"].info.end_time <= min(runs["f1"].info.start_time, runs["f2"].info.start_time)
+    assert runs["f2"].data.metrics["latency.b4.p50_ms"] > 0
+    assert runs["c1"].data.tags["mlflow.parentRunId"]
+    assert "device/machine.json" in [a.path for a in client.list_artifacts(runs["c1"].info.run_id, "device")]
+    no_run_left_running(fleet)
+
+
+def test_tampered_artifact_stops_the_rollout_at_the_canary(fleet, tmp_path):
+    from mlflow import MlflowClient
+
+    before = {d: served(fleet, d) for d, _ in DEVICES}
+    assert None not in before.values()
+    v = make_version(tmp_path, seed=2)
+    mv = MlflowClient(fleet.uri).get_model_version(MODEL, v)
+    artifact_dir = Path(unquote(urlparse(MlflowClient(fleet.uri).get_run(mv.run_id).info.artifact_uri).path))
+    onnx = artifact_dir / "bundle" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")              # one byte appended in the artifact store
+
+    report = stopped(fleet, targets_file(tmp_path))
+    c1, f1, f2 = report["outcomes"]
+    assert c1["status"] == "failed" and "sha256" in c1["reason"] and "onnx_sha256" in c1["reason"]
+    assert (f1["status"], f2["status"]) == ("skipped", "skipped")
+    assert report["stopped_by"].startswith("c1 (canary): failed")
+    assert {d: served(fleet, d) for d, _ in DEVICES} == before   # nothing replaced anywhere
+    assert not any((fleet.device_root("c1") / ".pfp-work").iterdir())  # the download was removed
+    tag = json.loads(MlflowClient(fleet.uri).get_model_version(MODEL, v).tags["deploy.c1"])
+    assert tag["status"] == "failed" and "sha256" in tag["reason"]
+    no_run_left_running(fleet)
+
+
+def device_runs() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return len([r for r in c.read_flow_runs(limit=200) if r.name.split(":")[0] in {d for d, _ in DEVICES}])
+
+
+def test_missing_version_is_refused_before_any_dispatch(fleet, tmp_path):
+    from flows.rollout import VersionNotFound
+
+    before = device_runs()
+    with pytest.raises(VersionNotFound, match=rf"model '{MODEL}' has no version '99' in the registry"):
+        rollout(fleet, targets_file(tmp_path), version="99")
+    with pytest.raises(VersionNotFound, match=rf"model '{MODEL}' has no version with alias 'stable'"):
+        rollout(fleet, targets_file(tmp_path), alias="stable")
+    assert device_runs() == before
+
+
+def test_device_names_with_paths_are_refused(fleet, tmp_path):
+    from deploy.targets import load_targets
+    from flows.device import deployment_name
+    from flows.rollout import wait_for_run
+    from pfp.config import ConfigError
+    from prefect.deployments import run_deployment
+
+    bad = targets_file(tmp_path, [{"name": "../etc", "work_pool": "orin", "role": "fleet"}], "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: .*targets\.3\.name.*'\.\./etc' is not allowed"):
+        load_targets(bad)
+    # Straight to a device's queue, around the rollout's checks: the device flow refuses it.
+    before = sorted(p.name for p in fleet.home.rglob("*"))
+    job = {"device": "../c1", "model_name": MODEL, "version": "1", "rollout_id": "drill"}
+    fr = run_deployment(deployment_name("deploy", "orin"), parameters={"job": job, "experiment": "x"}, timeout=0,
+                        work_queue_name="c1", as_subflow=False)
+    status, reason = wait_for_run(fr.id, 60, 120)
+    assert status == "failed" and "device name '../c1' is not allowed" in reason
+    job["device"], job["model_name"] = "c1", "../../escape"
+    fr = run_deployment(deployment_name("deploy", "orin"), parameters={"job": job, "experiment": "x"}, timeout=0,
+                        work_queue_name="c1", as_subflow=False)
+    status, reason = wait_for_run(fr.id, 60, 120)
+    assert status == "failed" and "model name '../../escape' is not allowed" in reason
+    after = sorted(p.name for p in fleet.home.rglob("*") if "logs" not in p.parts and "prefect" not in p.parts)
+    assert "escape" not in after and set(after) <= set(before) | {".pfp-lock"}
+
+
+def test_two_deploys_to_one_device_at_once(fleet, tmp_path):
+    from flows.device import deployment_name
+    from flows.rollout import wait_for_run
+    from prefect.deployments import run_deployment
+
+    v = make_version(tmp_path, seed=3)
+    before = served(fleet, "f2")
+    job = {"device": "f2", "model_name": MODEL, "version": v, "rollout_id": "twice", "max_time_s": 0.3,
+           "busy_timeout_s": 2}
+    # The first holds the device (a drill pause after its download) while the second asks.
+    first = run_deployment(deployment_name("deploy", "nano"), parameters={"job": job, "experiment": "drills"},
+                           timeout=0, work_queue_name="f2", as_subflow=False,
+                           job_variables={"env": {"PFP_FAULT_PAUSE": "download:12"}})
+    time.sleep(6)
+    second = run_deployment(deployment_name("deploy", "nano"), parameters={"job": job, "experiment": "drills"},
+                            timeout=0, work_queue_name="f2", as_subflow=False)
+    s2, r2 = wait_for_run(second.id, 60, 120)
+    assert served(fleet, "f2") == before                    # the busy one changed nothing
+    s1, r1 = wait_for_run(first.id, 60, 120)
+    assert (s1, s2) == ("ok", "failed"), (r1, r2)
+    assert "device busy" in r2
+    assert served(fleet, "f2") == v
+
+
+def test_worker_killed_mid_download_leaves_the_device_as_it_was(fleet, tmp_path):
+    from deploy.repository import status
+
+    v = make_version(tmp_path, seed=4)
+    before = {d: served(fleet, d) for d, _ in DEVICES}
+    fleet.kill_worker("f1")
+    fleet.start_worker("f1", extra_env={"PFP_FAULT_PAUSE": "download:120"})
+    result: dict = {}
+
+    def run():
+        result["report"] = stopped(fleet, targets_file(tmp_path), settings={"run_timeout_s": 40,
+                                                                            "pickup_timeout_s": 15})
+
+    t = threading.Thread(target=contextvars.copy_context().run, args=(run,))  # Prefect's settings are context-local
+    t.start()
+    work = fleet.device_root("f1") / ".pfp-work"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and not any(work.glob("*/bundle/model.onnx")):
+        time.sleep(0.5)
+    assert any(work.glob("*/bundle/model.onnx")), "f1 never downloaded"
+    fleet.kill_worker("f1")                                  # power loss: worker and job, mid-job
+    t.join(timeout=300)
+    report = result["report"]
+    by = {o["device"]: o for o in report["outcomes"]}
+    assert by["c1"]["status"] == "active" and by["f1"]["status"] == "timed_out"
+    assert "rollback" in by["f1"]["reason"]                  # asked, but nobody answers on f1's queue
+    assert served(fleet, "f1") == before["f1"] and served(fleet, "c1") == v
+    st = status(fleet.device_root("f1"))[MODEL]
+    assert st["in_sync"] and st["problems"] == []
+    assert any(work.iterdir())                               # the dead job's download is still there
+
+    fleet.start_worker("f1")                                 # back online; the next deploy cleans up
+    again = rollout(fleet, targets_file(tmp_path), only=["f1"])
+    assert again["passed"] and served(fleet, "f1") == v
+    assert not any(work.iterdir())
+    no_run_left_running(fleet)
+
+
+def test_offline_device_is_cancelled_and_stops_the_rollout(fleet, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    before = {d: served(fleet, d) for d, _ in DEVICES}
+    v = make_version(tmp_path, seed=5)
+    targets = targets_file(tmp_path, [{"name": "ghost", "work_pool": "orin", "role": "canary"}])
+    report = stopped(fleet, targets, settings={"pickup_timeout_s": 8})
+    by = {o["device"]: o for o in report["outcomes"]}
+    assert by["ghost"]["status"] == "offline" and "within 8 s" in by["ghost"]["reason"]
+    assert by["c1"]["status"] == "active"                   # the other canary, same wave
+    assert by["f1"]["status"] == by["f2"]["status"] == "skipped"
+    assert served(fleet, "f1") == before["f1"] and served(fleet, "f2") == before["f2"]
+    with get_client(sync_client=True) as c:
+        ghost_run = c.read_flow_run(by["ghost"]["flow_run_id"])
+    assert ghost_run.state.type.value == "CANCELLED"        # a device coming back never runs it
+    assert served(fleet, "c1") == v
+
+
+def test_rollback_and_status_flows(fleet, tmp_path):
+    from flows.device import deployment_name
+    from flows.rollout import wait_for_run
+    from prefect.artifacts import Artifact
+    from prefect.deployments import run_deployment
+
+    now = served(fleet, "c1")
+    fr = run_deployment(deployment_name("rollback", "orin"), parameters={"device": "c1", "model_name": MODEL},
+                        timeout=0, work_queue_name="c1", as_subflow=False)
+    assert wait_for_run(fr.id, 60, 120)[0] == "ok"
+    back = served(fleet, "c1")
+    assert back != now
+    # Guarded rollback: only when the device serves the named version; here it does not.
+    fr = run_deployment(deployment_name("rollback", "orin"), timeout=0, work_queue_name="c1", as_subflow=False,
+                        parameters={"device": "c1", "model_name": MODEL, "only_if_version": now})
+    assert wait_for_run(fr.id, 60, 120)[0] == "ok"
+    assert served(fleet, "c1") == back
+    fr = run_deployment(deployment_name("status", "orin"), parameters={"device": "c1"}, timeout=0,
+                        work_queue_name="c1", as_subflow=False)
+    assert wait_for_run(fr.id, 60, 120)[0] == "ok"
+    rows = json.loads(Artifact.get("device-c1").data)
+    assert rows[0]["model"] == MODEL and str(rows[0]["registry_version"]) == back and rows[0]["in_sync"] is True
