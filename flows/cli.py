@@ -136,5 +136,159 @@ def serve_cmd(
         serve_configs([_load(c, None) for c in (configs or [None])], cron=cron, sources=configs or [None])
 
 
+# --------------------------------------------------------------------------- edge devices
+
+device_app = typer.Typer(help="Edge devices: register their flows, read their state, roll back.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+TargetsArg = Annotated[Path, typer.Argument(help="targets YAML (see configs/targets_example.yaml)")]
+
+
+def _edge_errors():
+    from flows.rollout import VersionNotFound
+
+    return _flow_errors_with((ValueError, LookupError, VersionNotFound))
+
+
+def _flow_errors_with(extra: tuple):
+    from flows.tracking import TrackingError
+
+    return _errors((*EXPORT_ERRORS, TrackingError, *extra))
+
+
+def _rollout_table(report: dict) -> Table:
+    t = Table(title=f"rollout {report['rollout_id']}: {report['model']} v{report['version']}")
+    for col in ("device", "stage", "status", "backend", "p50 ms", "repo version", "seconds", "reason"):
+        t.add_column(col)
+    for o in report["outcomes"]:
+        r = o.get("result") or {}
+        lat = next(iter((r.get("latency") or {}).values()), {})
+        style = None if o["status"] in ("active", "benchmarked") else "yellow" if o["status"] == "skipped" else "red"
+        t.add_row(o["device"], o["stage"], o["status"], str(r.get("backend", "-")), str(lat.get("p50_ms", "-")),
+                  str(r.get("repository_version", "-")), f"{o['seconds']:.1f}", o["reason"][:200], style=style)
+    return t
+
+
+@app.command("deploy")
+def deploy_cmd(
+    targets: TargetsArg,
+    model: Annotated[str, typer.Option(help="registered model name (a pipeline config's model_name)")],
+    version: Annotated[Optional[str], typer.Option(help="registered version (default: the one --alias names)")] = None,
+    alias: Annotated[str, typer.Option(help="registry alias to deploy when --version is not given")] = "champion",
+    only: Annotated[Optional[str], typer.Option(help="comma-separated device names (default: all canary and fleet targets)")] = None,
+    benchmark_only: Annotated[bool, typer.Option("--benchmark-only", help="build, check and time on the devices; install nothing")] = False,
+    roles: Annotated[str, typer.Option(help="stages in order, from gate, canary, fleet")] = "canary,fleet",
+    max_parallel: Annotated[int, typer.Option(help="devices deployed at once within a stage")] = 4,
+    pickup_timeout: Annotated[float, typer.Option(help="seconds before a job nobody took counts as device offline")] = 120.0,
+    run_timeout: Annotated[float, typer.Option(help="seconds before a running job counts as lost")] = 1800.0,
+    max_time: Annotated[float, typer.Option(help="timing budget per batch size on the device, seconds")] = 5.0,
+) -> None:
+    """Roll the registry's champion (or --version) out to the edge: canaries first, then the fleet."""
+    with _edge_errors():
+        from deploy.targets import load_targets
+        from flows.rollout import RolloutStopped, deploy_flow
+
+        load_targets(targets)  # one-line errors before anything starts
+        _need_servers()
+        console = Console()
+        settings = {"roles": _split(roles, "roles"), "max_parallel": max_parallel, "pickup_timeout_s": pickup_timeout,
+                    "run_timeout_s": run_timeout, "max_time_s": max_time}
+        try:
+            report = deploy_flow(str(targets.resolve()), model, version=version, alias=alias, settings=settings,
+                                 only=_split(only, "only"), mode="benchmark" if benchmark_only else "deploy")
+        except RolloutStopped as e:
+            if e.report:
+                console.print(_rollout_table(e.report))
+            Console(stderr=True).print(f"[bold red]rollout stopped:[/] {e}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+        console.print(_rollout_table(report))
+        console.print(f"{report['summary']} in {report['seconds']:.0f} s", highlight=False)
+
+
+def _need_servers() -> None:
+    """Devices poll a real Prefect server and read a shared MLflow registry; an ephemeral one reaches no device."""
+    from flows.tracking import check_tracking_server
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise LookupError("PREFECT_API_URL is not set: devices' workers poll a Prefect server, "
+                          "an ephemeral one reaches none of them (see README: edge deployment)")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise LookupError("MLFLOW_TRACKING_URI is not set: devices download from the same MLflow registry")
+    check_tracking_server(uri)
+
+
+def _target(targets: Path, device: str):
+    from deploy.targets import load_targets
+
+    found = [t for t in load_targets(targets) if t.name == device]
+    if not found:
+        raise LookupError(f"{targets}: no target named {device!r}")
+    return found[0]
+
+
+def _run_on_device(kind: str, target, parameters: dict, timeout: float) -> None:
+    from flows.rollout import dispatch, wait_for_run
+
+    fr = dispatch(kind, target, parameters, f"{target.name}: {kind}")
+    status, reason = wait_for_run(fr.id, min(timeout, 120.0), timeout)
+    if status != "ok":
+        raise RuntimeError(f"{kind} on {target.name}: {status}: {reason}")
+
+
+@device_app.command("register")
+def device_register_cmd(
+    targets: TargetsArg,
+    source: Annotated[Optional[Path], typer.Option(help="this repository as the workers see it (default: here)")] = None,
+) -> None:
+    """Create the device flows' deployments on every work pool of the targets, and each device's concurrency limit."""
+    with _edge_errors():
+        from deploy.targets import load_targets
+        from flows.device import ensure_device_limits, register_device_deployments
+        from flows.tracking import REPO
+
+        ts = load_targets(targets)
+        if not os.environ.get("PREFECT_API_URL"):
+            raise LookupError("PREFECT_API_URL is not set: register the device flows on the server the devices poll")
+        names = register_device_deployments(sorted({t.work_pool for t in ts}), source or REPO)
+        ensure_device_limits([t.name for t in ts])
+        Console().print(f"deployments: {', '.join(names)}; concurrency limits: "
+                        f"{', '.join('pfp-device-' + t.name for t in ts)}", highlight=False)
+
+
+@device_app.command("status")
+def device_status_cmd(device: Annotated[str, typer.Argument(help="device name")], targets: TargetsArg,
+                      timeout: Annotated[float, typer.Option(help="seconds to wait for the device")] = 300.0) -> None:
+    """What the device serves, read on the device by its own worker."""
+    with _flow_errors_with((ValueError, LookupError, RuntimeError)):
+        import json as _json
+
+        from prefect.artifacts import Artifact
+
+        t = _target(targets, device)
+        _need_servers()
+        _run_on_device("status", t, {"device": t.name}, timeout)
+        art = Artifact.get(f"device-{t.name.lower().replace('.', '-').replace('_', '-')}")
+        table = Table(title=f"{t.name}: model repository")
+        rows = _json.loads(art.data) if art and art.data else []
+        cols = ["model", "active", "previous", "serving", "in_sync", "registry_version", "backend", "problems"]
+        for c in cols:
+            table.add_column(c)
+        for r in rows:
+            table.add_row(*(str(r.get(c, "")) for c in cols))
+        Console().print(table)
+
+
+@device_app.command("rollback")
+def device_rollback_cmd(device: Annotated[str, typer.Argument(help="device name")], targets: TargetsArg,
+                        model: Annotated[str, typer.Option(help="model name on the device")],
+                        timeout: Annotated[float, typer.Option(help="seconds to wait for the device")] = 300.0) -> None:
+    """Re-activate the previous version of a model on one device."""
+    with _flow_errors_with((ValueError, LookupError, RuntimeError)):
+        t = _target(targets, device)
+        _need_servers()
+        _run_on_device("rollback", t, {"device": t.name, "model_name": model}, timeout)
+        Console().print(f"{t.name}: {model} rolled back", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -289,13 +289,20 @@ def _gate_and_register(cfg: PipelineConfig, config: dict, base: dict, rows: list
     latency = {t: [r for r in b["results"] if r["model"] == label] for t, b in benches.items()}
     baseline = {t: [r for r in b["results"] if r["model"] == "unpruned"] for t, b in benches.items()}
     errors = {t: b["error"] for t, b in benches.items() if b["error"]}
-    decision = gate_task(config, base["acc"], row["acc"], latency, baseline, errors)
+    # Registered before the gate: edge gate devices download the candidate from the registry.
     mlflow.log_artifacts(bundles[label]["bundle"], "bundle")
     version = register_candidate(cfg.model_name, parent_id, "bundle", {
         "onnx_sha256": bundles[label]["meta"]["onnx"]["sha256"], "flops": str(row["flops"]),
         "acc": f"{row['acc']:.4f}", "round": str(row["round"]), "config_hash": config_hash,
     })
     number = str(version.version)
+    gate_cfg = config
+    if cfg.edge.gate_targets():
+        edge_latency, edge_errors, extra_checks = _edge_gate_bench(cfg, number, client, parent_id)
+        latency |= edge_latency
+        errors |= edge_errors
+        gate_cfg = {**config, "gate": {**config["gate"], "latency": [*config["gate"]["latency"], *extra_checks]}}
+    decision = gate_task(gate_cfg, base["acc"], row["acc"], latency, baseline, errors)
     promoted = promote(cfg.model_name, number, _decision_object(decision))
     markdown = _decision_markdown(cfg, number, decision, promoted)
     create_markdown_artifact(markdown, key=_artifact_key(cfg.name), description="promotion gate decision")
@@ -303,6 +310,41 @@ def _gate_and_register(cfg: PipelineConfig, config: dict, base: dict, rows: list
     logger.info(f"registered {cfg.model_name} v{number} as candidate; "
                 + ("promoted to champion" if promoted else "NOT promoted: " + decision["summary"]))
     return {"decision": decision, "version": number, "promoted": promoted}
+
+
+def _edge_gate_bench(cfg: PipelineConfig, version: str, client, parent_id: str) -> tuple[dict, dict, list]:
+    """Build, check and time the registered candidate on the gate devices (on their own
+    workers); their latency rows, why a device was not measured, and one budget check per
+    device that has a latency budget."""
+    from flows.rollout import RolloutStopped, deploy_flow
+    from flows.tracking import resolve_tracking_uri
+
+    e = cfg.edge
+    devices = e.gate_targets()
+    try:
+        report = deploy_flow(str(Path(e.targets_file).resolve()), cfg.model_name, version=version, mode="benchmark",
+                             settings={"roles": ["gate"], "pickup_timeout_s": e.pickup_timeout_s,
+                                       "run_timeout_s": e.run_timeout_s, "max_time_s": e.max_time_s},
+                             tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir),
+                             experiment=cfg.experiment_name)
+    except RolloutStopped as stop:
+        report = stop.report
+    except Exception as ex:  # noqa: BLE001 - no device measured: every edge check fails with this reason
+        report = {"outcomes": [{"device": t.name, "status": "failed", "reason": f"{type(ex).__name__}: {ex}",
+                                "result": None} for t in devices]}
+    latency, errors = {}, {}
+    for o in report.get("outcomes", []):
+        res = o.get("result") or {}
+        if o["status"] != "benchmarked" or not res.get("latency"):
+            errors[o["device"]] = f"{o['status']}: {o.get('reason') or 'not measured'}"
+            continue
+        latency[o["device"]] = [{"batch": int(b[1:]), "p50_ms": v["p50_ms"], "p99_ms": v["p99_ms"],
+                                 "backend": res.get("backend")} for b, v in res["latency"].items()]
+        for b, v in res["latency"].items():
+            client.log_metric(parent_id, f"edge.{o['device']}.{b}.p50_ms", float(v["p50_ms"]))
+    checks = [{"target": t.name, "batch": min(t.batch_sizes), "metric": "p50", "max_ms": t.latency_budget_ms}
+              for t in devices if t.latency_budget_ms is not None]
+    return latency, errors, checks
 
 
 # --------------------------------------------------------------------------- the flow

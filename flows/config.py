@@ -82,6 +82,26 @@ class DispatchConfig(_Strict):
     # Benchmarks go to a target's own pool: targets[].deployment (e.g. pfp-benchmark/jetson-01).
 
 
+class EdgeConfig(_Strict):
+    """Edge devices in the promotion gate: the targets file's `gate` devices build, check and
+    time each registered candidate on the device (flows.device, mode benchmark) before the
+    gate decides; their figures join the gate's latency checks under the device's name, and
+    a device's `latency_budget_ms` becomes a check of its own (p50 at its smallest batch)."""
+
+    targets_file: str | None = Field(None, description="deploy targets YAML; its role: gate devices are measured")
+    pickup_timeout_s: float = Field(120.0, gt=0, description="a gate device that takes no job by then is offline")
+    run_timeout_s: float = Field(1800.0, gt=0)
+    max_time_s: float = Field(5.0, gt=0, le=600, description="timing budget per batch size on the device")
+
+    def gate_targets(self) -> list:
+        """The gate devices of the targets file (validated; [] without a file)."""
+        if not self.targets_file:
+            return []
+        from deploy.targets import load_targets
+
+        return [t for t in load_targets(self.targets_file) if t.role == "gate"]
+
+
 class ScheduleConfig(_Strict):
     cron: str | None = Field(None, description="cron string for `pfp serve`, e.g. '0 2 * * *'")
     timezone: str = "UTC"
@@ -94,6 +114,7 @@ class PipelineConfig(RunConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
 
     @model_validator(mode="after")
     def _gate_targets_exist(self) -> "PipelineConfig":
@@ -101,9 +122,25 @@ class PipelineConfig(RunConfig):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"targets: duplicate name {sorted(dup)[0]!r}")
+        try:
+            edge = {t.name: t for t in self.edge.gate_targets()}
+        except ConfigError as e:
+            raise ValueError(f"edge.targets_file: {e}") from None
+        clash = sorted(set(edge) & set(names))
+        if clash:
+            raise ValueError(f"edge.targets_file: gate device {clash[0]!r} has the name of a pipeline target")
         for i, check in enumerate(self.gate.latency):
+            if check.target in edge:
+                if check.batch not in edge[check.target].batch_sizes:
+                    raise ValueError(f"gate.latency.{i}.batch: {check.batch} is not measured on gate device "
+                                     f"{check.target!r} (batch_sizes {edge[check.target].batch_sizes})")
+                if check.min_speedup is not None:
+                    raise ValueError(f"gate.latency.{i}.min_speedup: gate device {check.target!r} times only the "
+                                     "candidate; use max_ms")
+                continue
             if check.target not in names:
-                raise ValueError(f"gate.latency.{i}.target: {check.target!r} is not one of targets {names}")
+                raise ValueError(f"gate.latency.{i}.target: {check.target!r} is not one of targets {names}"
+                                 + (f" or gate devices {sorted(edge)}" if edge else ""))
             target = next(t for t in self.targets if t.name == check.target)
             if check.batch not in target.batch_sizes:
                 raise ValueError(
@@ -148,7 +185,7 @@ def config_from_json(raw: dict, source: str = "<flow parameter>") -> PipelineCon
 
 
 __all__ = [
-    "ConfigError", "DispatchConfig", "ExportSettings", "GateConfig", "LatencyCheck", "PIPELINE_QUICKSTART",
+    "ConfigError", "DispatchConfig", "EdgeConfig", "ExportSettings", "GateConfig", "LatencyCheck", "PIPELINE_QUICKSTART",
     "PipelineConfig", "ScheduleConfig", "TargetConfig", "TrackingConfig", "config_from_json",
     "load_pipeline_config",
 ]

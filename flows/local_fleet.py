@@ -35,6 +35,13 @@ def _prefect() -> str:
     return str(Path(sys.executable).with_name("prefect"))
 
 
+def _pinned(cores: set[int] | None):
+    """A preexec_fn that pins the child (and everything it starts) to `cores`."""
+    if not cores:
+        return None
+    return lambda: os.sched_setaffinity(0, cores)
+
+
 def _signal(p: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(p.pid, sig)
@@ -47,7 +54,7 @@ class LocalFleet:
 
     def __init__(self, home: str | Path, devices: Sequence[tuple[str, str]], *, mlflow_uri: str,
                  port: int | None = None, poll_s: float = 1.0, extra_env: dict[str, dict[str, str]] | None = None,
-                 startup_timeout_s: float = 180.0) -> None:
+                 startup_timeout_s: float = 180.0, cpus: dict[str, set[int]] | None = None) -> None:
         self.home = Path(home).resolve()
         self.devices = list(devices)
         self.mlflow_uri = mlflow_uri
@@ -55,6 +62,9 @@ class LocalFleet:
         self.poll_s = poll_s
         self.extra_env = extra_env or {}
         self.startup_timeout_s = startup_timeout_s
+        # CPU cores per device name ("server" for the Prefect server): on one machine, pinning
+        # keeps one device's benchmark off the cores the rest of the fleet works on.
+        self.cpus = cpus or {}
         self.server: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -85,7 +95,8 @@ class LocalFleet:
         log = open(self.home / "logs" / "server.log", "ab")
         self.server = subprocess.Popen(
             [_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_pinned(self.cpus.get("server")))
         self._wait_healthy()
         for pool in sorted({p for _, p in self.devices}):
             subprocess.run([_prefect(), "work-pool", "create", pool, "--type", "process", "--overwrite"],
@@ -118,7 +129,8 @@ class LocalFleet:
         self.workers[device] = subprocess.Popen(
             [_prefect(), "worker", "start", "--pool", pool, "--work-queue", device, "--type", "process",
              "--name", f"worker-{device}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO))
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO),
+            preexec_fn=_pinned(self.cpus.get(device)))
         return self.workers[device]
 
     def kill_worker(self, device: str, sig: int = signal.SIGKILL) -> None:
@@ -170,4 +182,35 @@ class LocalFleet:
         self.stop()
 
 
-__all__ = ["LocalFleet", "free_port"]
+def register_demo_version(folder: str | Path, model_name: str, seed: int, *, arch: str = "lenet5",
+                          input_size: int = 16, champion: bool = True) -> str:
+    """Export a real bundle of a freshly initialised `arch` (weights from `seed`), log it to
+    the active MLflow store, register it as a version of `model_name` (champion unless told
+    otherwise); its version. For drills and tests of the edge path: real files, no training."""
+    import mlflow
+    import torch
+
+    from deploy.gate import GateDecision
+    from export.bundle import export_bundle
+    from flows.registry import promote, register_candidate
+    from flows.tracking import tracked_run
+    from pfp.models import build_model
+    from pfp.serialization import save_model
+
+    torch.manual_seed(seed)
+    spec = {"name": arch, "num_classes": 10, "in_channels": 1, "input_size": input_size}
+    out = Path(folder) / f"{arch}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "m.pt", build_model(**spec).eval(), spec)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(32, 1, input_size, input_size, generator=g) for _ in range(2)]
+    export_bundle(out / "m.pt", out / "bundle", batches, parity_samples=64, exporter="torchscript")
+    with tracked_run(f"{arch} bundle, seed {seed}") as run:
+        mlflow.log_artifacts(str(out / "bundle"), "bundle")
+    v = register_candidate(model_name, run.info.run_id, "bundle", {})
+    if champion:
+        promote(model_name, v.version, GateDecision(passed=True, checks=[]))
+    return v.version
+
+
+__all__ = ["LocalFleet", "free_port", "register_demo_version"]

@@ -249,7 +249,8 @@ def deploy_flow(targets_path: str, model_name: str, version: str | None = None, 
                 + ", then ".join(f"{st.role} ({sum(len(w) for w in st.waves)})" for st in stages))
 
     start = time.perf_counter()
-    with tracked_run(f"{mode} {model_name} v{version}", tags={
+    # Inside the compress flow's run (gate devices), this run nests under it.
+    with tracked_run(f"{mode} {model_name} v{version}", nested=mlflow.active_run() is not None, tags={
             "pfp.flow": "deploy", "pfp.rollout_id": rollout_id, "pfp.model": model_name,
             "pfp.model_version": version, "pfp.mode": mode}) as parent:
         for st in stages:

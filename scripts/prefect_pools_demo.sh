@@ -38,6 +38,8 @@ for pool in cpu gpu; do
   "$BIN/prefect" worker start --pool "$pool" --work-queue default --type process >"$PREFECT_HOME/worker-$pool.log" 2>&1 &
   pids+=($!)
 done
+# prefect.yaml also declares the edge device flows on the example's jetson-orin pool (no worker here).
+"$BIN/prefect" work-pool inspect jetson-orin >/dev/null 2>&1 || "$BIN/prefect" work-pool create jetson-orin --type process >/dev/null
 "$BIN/prefect" --no-prompt deploy --all >"$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log" >&2; exit 1; }
 echo "deployments: $("$BIN/prefect" deployment ls 2>/dev/null | grep -c pfp-) registered"
 

@@ -39,30 +39,10 @@ def targets_file(folder: Path, extra: list[dict] | None = None, name: str = "tar
 
 
 def make_version(folder: Path, seed: int) -> str:
-    """Export a real LeNet5 bundle (weights from `seed`), log it, register it, make it champion."""
-    import mlflow
-    import torch
+    """A real LeNet5 bundle (weights from `seed`), registered as MODEL's champion."""
+    from flows.local_fleet import register_demo_version
 
-    from deploy.gate import GateDecision
-    from export.bundle import export_bundle
-    from flows.registry import promote, register_candidate
-    from flows.tracking import tracked_run
-    from pfp.models import build_model
-    from pfp.serialization import save_model
-
-    torch.manual_seed(seed)
-    spec = {"name": "lenet5", "num_classes": 10, "in_channels": 1, "input_size": 16}
-    out = folder / f"v-seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out / "m.pt", build_model(**spec).eval(), spec)
-    g = torch.Generator().manual_seed(1)
-    export_bundle(out / "m.pt", out / "bundle", [torch.randn(32, 1, 16, 16, generator=g) for _ in range(2)],
-                  parity_samples=64, exporter="torchscript")
-    with tracked_run(f"bundle seed {seed}") as run:
-        mlflow.log_artifacts(str(out / "bundle"), "bundle")
-    v = register_candidate(MODEL, run.info.run_id, "bundle", {})
-    promote(MODEL, v.version, GateDecision(passed=True, checks=[]))
-    return v.version
+    return register_demo_version(folder, MODEL, seed)
 
 
 def served(fleet, device: str) -> str | None:
@@ -269,7 +249,9 @@ def test_worker_killed_mid_download_leaves_the_device_as_it_was(fleet, tmp_path)
     assert any(work.iterdir())                               # the dead job's download is still there
 
     fleet.start_worker("f1")                                 # back online; the next deploy cleans up
-    again = rollout(fleet, targets_file(tmp_path), only=["f1"])
+    # The dead job's slot on f1 comes back when its lease runs out (60 s, then the server's
+    # 15 s sweep); the new job waits for it.
+    again = rollout(fleet, targets_file(tmp_path), only=["f1"], settings={"busy_timeout_s": 120, "run_timeout_s": 300})
     assert again["passed"] and served(fleet, "f1") == v
     assert not any(work.iterdir())
     no_run_left_running(fleet)
@@ -315,3 +297,36 @@ def test_rollback_and_status_flows(fleet, tmp_path):
     assert wait_for_run(fr.id, 60, 120)[0] == "ok"
     rows = json.loads(Artifact.get("device-c1").data)
     assert rows[0]["model"] == MODEL and str(rows[0]["registry_version"]) == back and rows[0]["in_sync"] is True
+
+
+def test_gate_devices_feed_the_promotion_gate(fleet, tmp_path):
+    """The compress flow has its registered candidate built, checked and timed on a gate
+    device by the device's own worker; the figures join the gate, the device installs nothing."""
+    from flows.compress import compress_flow
+    from tests.test_flows import tiny
+
+    def run(budget_ms: float) -> dict:
+        gate = targets_file(tmp_path, name="gate.yaml")
+        rows = yaml.safe_load(gate.read_text())["targets"]
+        rows = [{**r, "role": "gate", "latency_budget_ms": budget_ms} for r in rows if r["name"] == "f2"]
+        gate.write_text(yaml.safe_dump({"targets": rows}))
+        cfg = tiny(tmp_path, tracking={"tracking_uri": fleet.uri},
+                   edge={"targets_file": str(gate), "pickup_timeout_s": 30, "max_time_s": 0.3},
+                   gate={"max_acc_drop": 100.0, "latency": [{"target": "f2", "batch": 4, "metric": "p99",
+                                                             "max_ms": 1000.0}]})
+        return compress_flow(config=cfg)
+
+    first = run(budget_ms=1000.0)
+    checks = {c["name"]: c for c in first["decision"]["checks"]}
+    assert first["promoted"], first["decision"]["summary"]
+    assert checks["f2.b4.p99_ms"]["passed"] and 0 < checks["f2.b4.p99_ms"]["value"] < 1000
+    assert checks["f2.b1.p50_ms"]["passed"]                  # the device's budget, as a check of its own
+    assert not (fleet.device_root("f2") / "tiny").exists()   # measured only, nothing installed
+
+    second = run(budget_ms=1e-6)
+    checks = {c["name"]: c for c in second["decision"]["checks"]}
+    assert not second["promoted"] and not checks["f2.b1.p50_ms"]["passed"]
+    from flows.registry import get_by_alias
+
+    assert get_by_alias("tiny", "champion").version == first["version"]   # the champion stays
+    no_run_left_running(fleet)
