@@ -109,6 +109,8 @@ class RolloutSettings(BaseModel):
     max_parallel: int = Field(4, ge=1, description="devices deployed at once within a stage")
     pickup_timeout_s: float = Field(120.0, gt=0, description="no worker took the job by then: device offline")
     run_timeout_s: float = Field(1800.0, gt=0, description="a job still running by then is cancelled (device lost)")
+    lost_after_s: float = Field(60.0, gt=0, description="a device whose queue no worker polled for this long is "
+                                                        "offline, or lost mid-job (workers poll every 10 s by default)")
     busy_timeout_s: float = Field(60.0, ge=0, description="how long a device job waits for the device's slot")
     max_time_s: float = Field(5.0, gt=0, le=600, description="timing budget per batch size on the device")
     threads: int | None = Field(None, ge=1, description="CPU threads for CPU backends on the device")
@@ -143,7 +145,7 @@ def plan_stages(targets: Sequence[Target], settings: RolloutSettings, only: Sequ
     return stages
 
 
-Status = Literal["active", "benchmarked", "failed", "offline", "timed_out", "busy", "skipped"]
+Status = Literal["active", "benchmarked", "failed", "offline", "lost", "timed_out", "busy", "skipped"]
 
 
 @dataclass

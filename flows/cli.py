@@ -179,7 +179,8 @@ def deploy_cmd(
     roles: Annotated[str, typer.Option(help="stages in order, from gate, canary, fleet")] = "canary,fleet",
     max_parallel: Annotated[int, typer.Option(help="devices deployed at once within a stage")] = 4,
     pickup_timeout: Annotated[float, typer.Option(help="seconds before a job nobody took counts as device offline")] = 120.0,
-    run_timeout: Annotated[float, typer.Option(help="seconds before a running job counts as lost")] = 1800.0,
+    run_timeout: Annotated[float, typer.Option(help="seconds before a running job is cancelled")] = 1800.0,
+    lost_after: Annotated[float, typer.Option(help="seconds a device's queue may go unpolled before it counts as offline or lost")] = 60.0,
     max_time: Annotated[float, typer.Option(help="timing budget per batch size on the device, seconds")] = 5.0,
 ) -> None:
     """Roll the registry's champion (or --version) out to the edge: canaries first, then the fleet."""
@@ -191,7 +192,7 @@ def deploy_cmd(
         _need_servers()
         console = Console()
         settings = {"roles": _split(roles, "roles"), "max_parallel": max_parallel, "pickup_timeout_s": pickup_timeout,
-                    "run_timeout_s": run_timeout, "max_time_s": max_time}
+                    "run_timeout_s": run_timeout, "lost_after_s": lost_after, "max_time_s": max_time}
         try:
             report = deploy_flow(str(targets.resolve()), model, version=version, alias=alias, settings=settings,
                                  only=_split(only, "only"), mode="benchmark" if benchmark_only else "deploy")

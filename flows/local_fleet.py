@@ -42,6 +42,26 @@ def _pinned(cores: set[int] | None):
     return lambda: os.sched_setaffinity(0, cores)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (read from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _signal(p: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(p.pid, sig)
@@ -134,14 +154,18 @@ class LocalFleet:
         return self.workers[device]
 
     def kill_worker(self, device: str, sig: int = signal.SIGKILL) -> None:
-        """Kill the device's worker and every job it runs (its whole process group): power loss."""
+        """Kill the device's worker and every job it runs: power loss. (Prefect starts each job
+        in a process group of its own, so the worker's group alone would leave the jobs running.)"""
         p = self.workers.pop(device, None)
         if p is None:
             return
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
+        doomed = _descendants(p.pid)
+        _signal(p, sig)
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         p.wait(timeout=30)
 
     def register_deployments(self) -> list[str]:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from deploy.plots import plot_rollout
 from deploy.rollout import DeviceOutcome, RolloutReport, RolloutSettings, job_for, plan_stages
 from deploy.targets import Target, load_targets
 from flows.device import RESULT_TAG, deployment_name, ensure_device_limits
@@ -107,13 +110,33 @@ def _state_reason(state) -> str:
     return " ".join((state.message or state.name or "").split()) if state else "no state"
 
 
-def wait_for_run(flow_run_id, pickup_timeout_s: float, run_timeout_s: float) -> tuple[str, str]:
+def queue_silence(client, pool: str, queue: str) -> float | None:
+    """Seconds since a worker last polled the device's queue (None: never, or no such queue).
+    A process worker polls its queues every few seconds while it runs jobs, so a queue that
+    goes quiet means the device's worker is gone."""
+    from datetime import datetime, timezone
+
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        q = client.read_work_queue_by_name(queue, work_pool_name=pool)
+    except ObjectNotFound:
+        return None
+    if q.last_polled is None:
+        return None
+    return (datetime.now(timezone.utc) - q.last_polled).total_seconds()
+
+
+def wait_for_run(flow_run_id, pickup_timeout_s: float, run_timeout_s: float, *, pool: str | None = None,
+                 queue: str | None = None, lost_after_s: float | None = None) -> tuple[str, str]:
     """Wait for a dispatched device job: (status, reason). A job not picked up in time is
-    cancelled (status "offline"); one running too long is cancelled ("timed_out")."""
+    cancelled (status "offline"); one running too long, or whose device's queue nobody has
+    polled for `lost_after_s` (the worker died), is cancelled ("timed_out" / "lost")."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Cancelling
 
     start = time.monotonic()
+    watch = pool is not None and queue is not None and lost_after_s is not None
     with get_client(sync_client=True) as client:
         while True:
             fr = client.read_flow_run(flow_run_id)
@@ -121,14 +144,22 @@ def wait_for_run(flow_run_id, pickup_timeout_s: float, run_timeout_s: float) -> 
             elapsed = time.monotonic() - start
             if kind in _FINAL:
                 return ("ok" if kind == "COMPLETED" else "failed"), _state_reason(fr.state)
-            if kind in ("SCHEDULED", "PENDING") and elapsed > pickup_timeout_s:
+            silent = queue_silence(client, pool, queue) if watch and elapsed > lost_after_s else None
+            quiet = watch and elapsed > lost_after_s and (silent is None or silent > lost_after_s)
+            if kind in ("SCHEDULED", "PENDING") and (elapsed > pickup_timeout_s or quiet):
                 client.set_flow_run_state(flow_run_id, Cancelled(message="no worker took it: device offline"),
                                           force=True)
-                return "offline", f"no worker on its queue took the job within {pickup_timeout_s:g} s"
+                why = (f"no worker has polled queue {queue!r} for {lost_after_s:g} s" if quiet and elapsed <= pickup_timeout_s
+                       else f"no worker on its queue took the job within {pickup_timeout_s:g} s")
+                return "offline", why
+            if kind == "RUNNING" and quiet:
+                client.set_flow_run_state(flow_run_id, Cancelling(message="device worker lost"), force=True)
+                when = "never" if silent is None else f"{silent:.0f} s ago"
+                return "lost", f"worker lost mid-job: queue {queue!r} last polled {when}; cancelled"
             if elapsed > run_timeout_s:
                 # Cancelling asks a live worker to kill the job; a dead one never answers.
                 client.set_flow_run_state(flow_run_id, Cancelling(message="rollout timeout"), force=True)
-                return "timed_out", f"still {kind.lower()} after {run_timeout_s:g} s (worker lost?); cancelled"
+                return "timed_out", f"still {kind.lower()} after {run_timeout_s:g} s; cancelled"
             time.sleep(POLL_S)
 
 
@@ -160,7 +191,8 @@ def deploy_one(target: Target, job: dict, experiment: str, experiment_id: str, p
         fr = dispatch("deploy", target, {"job": job, "experiment": experiment, "parent_run_id": parent_run_id},
                       f"{target.name}: {job['mode']} {job['model_name']} v{job['version']}")
         out.flow_run_id = str(fr.id)
-        status, reason = wait_for_run(fr.id, settings.pickup_timeout_s, settings.run_timeout_s)
+        status, reason = wait_for_run(fr.id, settings.pickup_timeout_s, settings.run_timeout_s,
+                                      pool=target.work_pool, queue=target.work_queue, lost_after_s=settings.lost_after_s)
     except Exception as e:  # noqa: BLE001 - no deployment, API down: this device failed, say why
         out.reason = f"could not dispatch: {_error_text(e)}"
         out.seconds = time.monotonic() - start
@@ -183,7 +215,8 @@ def rollback_one(target: Target, model_name: str, version: str, settings: Rollou
     try:
         fr = dispatch("rollback", target, {"device": target.name, "model_name": model_name,
                                            "only_if_version": version}, f"{target.name}: rollback {model_name}")
-        status, reason = wait_for_run(fr.id, min(settings.pickup_timeout_s, 60.0), min(settings.run_timeout_s, 300.0))
+        status, reason = wait_for_run(fr.id, min(settings.pickup_timeout_s, 60.0), min(settings.run_timeout_s, 300.0),
+                                      pool=target.work_pool, queue=target.work_queue, lost_after_s=settings.lost_after_s)
     except Exception as e:  # noqa: BLE001
         return None, f"rollback not dispatched: {_error_text(e)}"
     if status != "ok":
@@ -199,7 +232,7 @@ def deploy_device_task(target: dict, job: dict, experiment: str, experiment_id: 
     out = deploy_one(t, job, experiment, experiment_id, parent_run_id, s, stage)
     # A job cut off (timed out, crashed) may have switched the device; the device flow rolls
     # back its own failed checks, but only the device can say what it serves now.
-    if out.status in ("timed_out", "failed") and job["mode"] == "deploy" and "device busy" not in out.reason:
+    if out.status in ("timed_out", "lost", "failed") and job["mode"] == "deploy" and "device busy" not in out.reason:
         done, why = rollback_one(t, job["model_name"], job["version"], s)
         out.rolled_back = done
         if why:
@@ -266,6 +299,8 @@ def deploy_flow(targets_path: str, model_name: str, version: str | None = None, 
                     logger.info(f"{o.device} ({o.stage}): {o.status}" + (f": {o.reason}" if o.reason else ""))
         result = report.to_dict() | {"seconds": time.perf_counter() - start}
         mlflow.log_dict(result, "rollout.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(plot_rollout(result, Path(tmp) / "rollout.png")))
         mlflow.set_tag("pfp.outcome", report.summary()[:5000])
         from mlflow import MlflowClient
 

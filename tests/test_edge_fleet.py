@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 DEVICES = [("c1", "orin"), ("f1", "orin"), ("f2", "nano")]
 MODEL = "edge-tiny"
-FAST = {"max_time_s": 0.3, "pickup_timeout_s": 20, "run_timeout_s": 120, "busy_timeout_s": 5}
+# Workers here poll every second (LocalFleet), so a queue quiet for 15 s has lost its worker.
+FAST = {"max_time_s": 0.3, "pickup_timeout_s": 20, "run_timeout_s": 120, "busy_timeout_s": 5, "lost_after_s": 15}
 
 
 def targets_file(folder: Path, extra: list[dict] | None = None, name: str = "targets.yaml") -> Path:
@@ -227,8 +228,7 @@ def test_worker_killed_mid_download_leaves_the_device_as_it_was(fleet, tmp_path)
     result: dict = {}
 
     def run():
-        result["report"] = stopped(fleet, targets_file(tmp_path), settings={"run_timeout_s": 40,
-                                                                            "pickup_timeout_s": 15})
+        result["report"] = stopped(fleet, targets_file(tmp_path), settings={"pickup_timeout_s": 15})
 
     t = threading.Thread(target=contextvars.copy_context().run, args=(run,))  # Prefect's settings are context-local
     t.start()
@@ -241,8 +241,10 @@ def test_worker_killed_mid_download_leaves_the_device_as_it_was(fleet, tmp_path)
     t.join(timeout=300)
     report = result["report"]
     by = {o["device"]: o for o in report["outcomes"]}
-    assert by["c1"]["status"] == "active" and by["f1"]["status"] == "timed_out"
-    assert "rollback" in by["f1"]["reason"]                  # asked, but nobody answers on f1's queue
+    assert by["c1"]["status"] == "active" and by["f1"]["status"] == "lost"
+    assert "queue 'f1' last polled" in by["f1"]["reason"]   # seen from its queue, not a long timeout
+    assert by["f1"]["seconds"] < FAST["run_timeout_s"]
+    assert "rollback offline" in by["f1"]["reason"]         # asked, but nobody answers on f1's queue
     assert served(fleet, "f1") == before["f1"] and served(fleet, "c1") == v
     st = status(fleet.device_root("f1"))[MODEL]
     assert st["in_sync"] and st["problems"] == []
@@ -330,3 +332,29 @@ def test_gate_devices_feed_the_promotion_gate(fleet, tmp_path):
 
     assert get_by_alias("tiny", "champion").version == first["version"]   # the champion stays
     no_run_left_running(fleet)
+
+
+def test_cli_deploy_status_and_rollback(fleet, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("PREFECT_API_URL", fleet.api_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fleet.uri)
+    monkeypatch.setenv("COLUMNS", "250")
+    cli = CliRunner()
+    targets = str(targets_file(tmp_path))
+    v = make_version(tmp_path, seed=6)
+    r = cli.invoke(app, ["deploy", targets, "--model", MODEL, "--only", "c1", "--max-time", "0.3",
+                         "--pickup-timeout", "30"])
+    assert r.exit_code == 0, r.output
+    assert f"{MODEL} v{v}: 1 of 1 devices ok" in r.output and served(fleet, "c1") == v
+    r = cli.invoke(app, ["device", "status", "c1", targets])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if MODEL in line)
+    assert f"│ {v} " in row.replace("  ", " ") and "True" in row
+    r = cli.invoke(app, ["device", "rollback", "c1", targets, "--model", MODEL])
+    assert r.exit_code == 0, r.output
+    assert served(fleet, "c1") != v
+    r = cli.invoke(app, ["deploy", targets, "--model", MODEL, "--version", "98"])
+    assert r.exit_code == 2 and f"model '{MODEL}' has no version '98' in the registry" in r.output
