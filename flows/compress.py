@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ from deploy.gate import evaluate_gate
 from flows import steps
 from flows.config import PipelineConfig, config_from_json, load_pipeline_config
 from flows.tracking import (
-    check_tracking_server, flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run,
+    check_tracking_server, flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, sigterm_raises,
+    tracked_run,
 )
 from pfp.files import write_text_atomic
 from pfp.pipeline import _hash, choose
@@ -177,16 +176,6 @@ def _log_latency(client, run_id: str, bench: dict, label: str, step: int | None,
 
 
 # --------------------------------------------------------------------------- crashes
-
-
-def _sigterm_raises() -> None:
-    """A worker cancelling a flow run sends SIGTERM, which would end Python without running
-    `finally` blocks and leave MLflow runs RUNNING; turn it into KeyboardInterrupt."""
-    if threading.current_thread() is threading.main_thread():
-        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        signal.signal(signal.SIGTERM, handler)
 
 
 def _fail_orphaned_runs(client, experiment_id: str, config_hash: str) -> list[str]:
@@ -371,7 +360,7 @@ def compress_flow(config: dict | None = None, config_path: str | None = None, ov
     client = MlflowClient()
     config_hash = _hash(config)
     work: dict[str, float] = {}
-    _sigterm_raises()
+    sigterm_raises()
     for run_id in _fail_orphaned_runs(client, experiment_id, config_hash):
         logger.warning(f"MLflow run {run_id} was left RUNNING by a process that died; marked FAILED")
 

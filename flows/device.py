@@ -38,6 +38,7 @@ from deploy.device import (
     clean_work, device_from_env, install_built, new_workdir,
 )
 from deploy.rollout import DeviceJob, parse_job
+from flows.tracking import sigterm_raises
 
 LIMIT_PREFIX = "pfp-device-"
 LEASE_S = 60.0          # a dead holder's slot comes back within this (Prefect renews live leases)
@@ -173,6 +174,9 @@ def _record(result: dict, built: dict, machine: dict, budget_ms: float | None) -
     log_metrics_at(metrics)
     mlflow.set_tags({"pfp.backend": built["backend"], "pfp.artifact_sha256": built["artifact_sha256"],
                      "pfp.outcome": "ok", RESULT_TAG: json.dumps(result, separators=(",", ":"))[:7000]})
+    from export.machine import machine_summary
+
+    mlflow.set_tag("pfp.machine", machine_summary(machine)[:5000])
     mlflow.log_dict(machine, "device/machine.json")
     mlflow.log_dict(built, "device/build.json")
 
@@ -202,6 +206,7 @@ def device_deploy_flow(job: dict, experiment: str, parent_run_id: str | None = N
 
     logger = get_run_logger()
     start = time.perf_counter()
+    sigterm_raises()                         # a cancelled job ends its MLflow run FAILED, not RUNNING
     j = parse_job(job)                       # every parameter checked before any path is made
     dev = device_from_env(j.device)
     with device_slot(dev.name, j.busy_timeout_s):

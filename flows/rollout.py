@@ -89,16 +89,25 @@ def record_on_version(model_name: str, version: str, outcome: DeviceOutcome) -> 
                                          json.dumps(value, separators=(",", ":"))[:5000])
 
 
-def device_run_result(experiment_id: str, rollout_id: str, device: str) -> tuple[dict | None, str | None]:
-    """(the device's `pfp.result`, its `pfp.error`) from the device job's MLflow run."""
+def device_run_result(experiment_id: str, rollout_id: str, device: str,
+                      lost_reason: str | None = None) -> tuple[dict | None, str | None]:
+    """(the device's `pfp.result`, its `pfp.error`) from the device job's MLflow run. With
+    `lost_reason` (the job was cut off), a run the device left RUNNING is ended FAILED here:
+    a device that lost power cannot end its own run."""
     from mlflow import MlflowClient
 
-    runs = MlflowClient().search_runs(
+    client = MlflowClient()
+    runs = client.search_runs(
         [experiment_id], f"tags.`pfp.rollout_id` = '{rollout_id}' and tags.`pfp.device` = '{device}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None, None
-    tags = runs[0].data.tags
+    run = runs[0]
+    if lost_reason and run.info.status == "RUNNING":
+        client.set_tag(run.info.run_id, "pfp.outcome", "failed")
+        client.set_tag(run.info.run_id, "pfp.error", lost_reason[:5000])
+        client.set_terminated(run.info.run_id, "FAILED")
+    tags = run.data.tags
     result = json.loads(tags[RESULT_TAG]) if tags.get(RESULT_TAG) else None
     return result, tags.get("pfp.error")
 
@@ -198,7 +207,8 @@ def deploy_one(target: Target, job: dict, experiment: str, experiment_id: str, p
         out.seconds = time.monotonic() - start
         return out
     out.seconds = time.monotonic() - start
-    result, error = device_run_result(experiment_id, job["rollout_id"], target.name)
+    result, error = device_run_result(experiment_id, job["rollout_id"], target.name,
+                                      lost_reason=reason if status in ("lost", "timed_out") else None)
     out.result = (result or {}) | {"rollout_id": job["rollout_id"]} if result else None
     if status == "ok":
         out.status = "active" if job["mode"] == "deploy" else "benchmarked"

@@ -28,8 +28,10 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -282,6 +284,16 @@ def log_metrics_at(metrics: dict[str, float | None], step: int | None = None, *,
 # --------------------------------------------------------------------------- runs
 
 
+def sigterm_raises() -> None:
+    """A worker cancelling a flow run sends SIGTERM, which would end Python without running
+    `finally` blocks and leave MLflow runs RUNNING; turn it into KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _end_runs_above(outer_id: str | None, status: str) -> None:
     """End every active run above `outer_id` on this thread's stack (ours and any nested
     run left open inside it) with `status`."""
@@ -322,5 +334,5 @@ def tracked_run(name: str, *, nested: bool = False, tags: dict | None = None,
 
 __all__ = [
     "MAX_PARAM_VAL_LENGTH", "TrackingError", "check_tracking_server", "flatten_params", "log_metrics_at",
-    "resolve_tracking_uri", "run_tags", "setup_mlflow", "sqlite_path", "sqlite_uri", "tracked_run",
+    "resolve_tracking_uri", "run_tags", "setup_mlflow", "sigterm_raises", "sqlite_path", "sqlite_uri", "tracked_run",
 ]
