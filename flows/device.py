@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -149,6 +150,8 @@ def _device_run(j: DeviceJob, dev: Device, experiment: str, parent_run_id: str |
     tags = {"pfp.flow": f"device-{kind}", "pfp.device": dev.name, "pfp.rollout_id": j.rollout_id,
             "pfp.model": j.model_name, "pfp.model_version": j.version, "pfp.mode": j.mode}
     if parent_run_id:
+        if not re.fullmatch(r"[0-9a-f]{32}", parent_run_id):
+            raise DeviceError(f"parent_run_id {parent_run_id!r} is not an MLflow run id")
         tags["mlflow.parentRunId"] = parent_run_id
     with tracked_run(f"{dev.name}: {j.mode} {j.model_name} v{j.version}", tags=tags) as run:
         try:
@@ -162,6 +165,7 @@ def _device_run(j: DeviceJob, dev: Device, experiment: str, parent_run_id: str |
 def _record(result: dict, built: dict, machine: dict, budget_ms: float | None) -> None:
     import mlflow
 
+    from export.machine import machine_summary
     from flows.tracking import log_metrics_at
 
     metrics = {f"seconds.{k}": v for k, v in result["seconds"].items()}
@@ -173,10 +177,8 @@ def _record(result: dict, built: dict, machine: dict, budget_ms: float | None) -
     metrics["latency_budget_ms"] = budget_ms
     log_metrics_at(metrics)
     mlflow.set_tags({"pfp.backend": built["backend"], "pfp.artifact_sha256": built["artifact_sha256"],
-                     "pfp.outcome": "ok", RESULT_TAG: json.dumps(result, separators=(",", ":"))[:7000]})
-    from export.machine import machine_summary
-
-    mlflow.set_tag("pfp.machine", machine_summary(machine)[:5000])
+                     "pfp.outcome": "ok", RESULT_TAG: json.dumps(result, separators=(",", ":")),
+                     "pfp.machine": machine_summary(machine)[:5000]})
     mlflow.log_dict(machine, "device/machine.json")
     mlflow.log_dict(built, "device/build.json")
 
