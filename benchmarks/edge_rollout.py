@@ -257,7 +257,7 @@ def main() -> None:
     args = ap.parse_args()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_fleet import LocalFleet
+    from flows.local_fleet import LocalFleet, drain_prefect_clients
     from flows.tracking import setup_mlflow
 
     tmp = Path(tempfile.mkdtemp(prefix="pfp-edge-bench-"))
@@ -291,6 +291,7 @@ def main() -> None:
                 results["faults"] = part_faults(fleet, tmp, targets, names, settings, args.arch)
             if "disturbance" in args.parts:
                 results["disturbance"] = part_disturbance(fleet, tmp, targets, names, settings, args.repeats, args.arch)
+            drain_prefect_clients()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str))
         print(f"\nwrote {args.out}")

@@ -206,6 +206,30 @@ class LocalFleet:
         self.stop()
 
 
+def drain_prefect_clients() -> None:
+    """Send what this process's Prefect log and event workers still hold, and stop them,
+    before the fleet's server stops: left behind, they keep retrying a server that is gone,
+    and the next Prefect test harness in the process waits on them for ever."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:
+            pass  # never started
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
 def register_demo_version(folder: str | Path, model_name: str, seed: int, *, arch: str = "lenet5",
                           input_size: int = 16, champion: bool = True) -> str:
     """Export a real bundle of a freshly initialised `arch` (weights from `seed`), log it to
@@ -237,4 +261,4 @@ def register_demo_version(folder: str | Path, model_name: str, seed: int, *, arc
     return v.version
 
 
-__all__ = ["LocalFleet", "free_port", "register_demo_version"]
+__all__ = ["LocalFleet", "drain_prefect_clients", "free_port", "register_demo_version"]

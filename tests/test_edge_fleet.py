@@ -56,7 +56,7 @@ def served(fleet, device: str) -> str | None:
 def fleet(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_fleet import LocalFleet
+    from flows.local_fleet import LocalFleet, drain_prefect_clients
     from flows.tracking import setup_mlflow
 
     home = tmp_path_factory.mktemp("fleet")
@@ -66,7 +66,10 @@ def fleet(tmp_path_factory):
         f.register_deployments()
         with temporary_settings(updates={PREFECT_API_URL: f.api_url}):
             f.uri = uri
-            yield f
+            try:
+                yield f
+            finally:
+                drain_prefect_clients()   # while the server is still up
     import mlflow
 
     mlflow.set_tracking_uri(None)
