@@ -262,3 +262,56 @@ def register_demo_version(folder: str | Path, model_name: str, seed: int, *, arc
 
 
 __all__ = ["LocalFleet", "drain_prefect_clients", "free_port", "register_demo_version"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Try the edge path on this machine: deploy a registered model to a local fleet.
+
+        make quickstart && .venv/bin/python -m flows.local_fleet --devices 3
+    """
+    import argparse
+    import json
+    import tempfile
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description="Deploy a registered model to a fleet of local Prefect workers.")
+    ap.add_argument("--model", default="quickstart", help="registered model name (default: the quickstart's)")
+    ap.add_argument("--version", default=None, help="registered version (default: the champion)")
+    ap.add_argument("--mlflow", default=f"sqlite:///{Path('runs/mlflow.db').resolve()}", help="MLflow tracking URI")
+    ap.add_argument("--devices", type=int, default=3, help="workers to start: one canary, the rest fleet")
+    ap.add_argument("--home", default=None, help="folder for the server, logs and device folders (default: temporary)")
+    args = ap.parse_args(argv)
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.rollout import RolloutStopped, deploy_flow
+    from flows.tracking import check_tracking_server
+
+    check_tracking_server(args.mlflow)
+    home = Path(args.home or tempfile.mkdtemp(prefix="pfp-fleet-")).resolve()
+    names = [f"edge-{i + 1:02d}" for i in range(args.devices)]
+    targets = home / "targets.yaml"
+    home.mkdir(parents=True, exist_ok=True)
+    targets.write_text(yaml.safe_dump({"targets": [
+        {"name": n, "work_pool": "edge-local", "role": "canary" if i == 0 else "fleet", "batch_sizes": [1, 8]}
+        for i, n in enumerate(names)]}))
+    with LocalFleet(home, [(n, "edge-local") for n in names], mlflow_uri=args.mlflow) as fleet:
+        fleet.register_deployments()
+        print(f"Prefect server {fleet.api_url} (UI: {fleet.api_url[:-4]}), {args.devices} workers; logs in {home / 'logs'}")
+        with temporary_settings(updates={PREFECT_API_URL: fleet.api_url}):
+            try:
+                report = deploy_flow(str(targets), args.model, version=args.version, tracking_uri=args.mlflow,
+                                     settings={"max_time_s": 1.0})
+            except RolloutStopped as e:
+                report = e.report
+            finally:
+                drain_prefect_clients()
+    print(json.dumps({o["device"]: {"status": o["status"], "reason": o["reason"],
+                                    "latency": (o.get("result") or {}).get("latency")} for o in report["outcomes"]},
+                     indent=2))
+    print(f"{report['summary']}; model repositories under {home / 'devices'}")
+
+
+if __name__ == "__main__":
+    main()
