@@ -36,7 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from deploy.repository import (
-    RepositoryError, _model_dir, _read_state, _read_version_meta, activate, deactivate, install, rollback, safe_join,
+    RepositoryError, _alive, _model_dir, _read_state, _read_version_meta, activate, deactivate, install, rollback,
+    safe_join,
     served_version, validate_name,
 )
 
@@ -128,16 +129,6 @@ def _pid_of(name: str) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --------------------------------------------------------------------------- references
 
 
@@ -150,21 +141,22 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DeviceError(f"{path}: not a reference file with inputs and outputs ({e})") from None
 
 
-def check_reference(run: Any, reference: str | Path, precision: str, *, backend: str) -> dict:
-    """Run the reference inputs through `run` (numpy -> numpy) and compare with PyTorch's
-    logits at the precision's tolerance; the report as a dict, ReferenceMismatch if over."""
-    from export.parity import tolerances
+def check_reference(run: Any, reference: str | Path | tuple[np.ndarray, np.ndarray], precision: str, *,
+                    backend: str) -> dict:
+    """Run the reference inputs (a reference.npz, or its loaded (inputs, outputs)) through
+    `run` (numpy -> numpy) and compare with PyTorch's logits at the precision's tolerance;
+    the report as a dict, ReferenceMismatch if over."""
+    from export.parity import batch_differences, tolerances
 
-    x, want = load_reference(reference)
+    x, want = load_reference(reference) if isinstance(reference, (str, Path)) else reference
     got = np.asarray(run(x), dtype=np.float32)
     if got.shape != want.shape:
         raise ReferenceMismatch(f"{backend} {precision}: output shape {list(got.shape)} differs from the "
                                 f"reference {list(want.shape)}")
     max_rel, min_top1 = tolerances(precision)
-    diff = np.abs(got - want)
-    rel = float((diff / np.maximum(1.0, np.abs(want).max(axis=1, keepdims=True))).max())
-    top1 = float((got.argmax(1) == want.argmax(1)).mean())
-    report = {"backend": backend, "precision": precision, "samples": len(x), "max_abs_diff": float(diff.max()),
+    max_abs, rel, _, agree = batch_differences(got, want)
+    top1 = agree / len(x)
+    report = {"backend": backend, "precision": precision, "samples": len(x), "max_abs_diff": max_abs,
               "max_rel_diff": rel, "top1_agreement": top1, "max_rel_tolerance": max_rel,
               "min_top1_agreement": min_top1}
     problems = []
@@ -204,6 +196,11 @@ class Built:
         d = dataclasses.asdict(self)
         d["artifact"] = str(self.artifact)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Built":
+        """Inverse of to_dict (a Built crosses Prefect task boundaries as plain data)."""
+        return cls(**{**d, "artifact": Path(d["artifact"])})
 
     def p(self, metric: str, batch: int) -> float | None:
         """The measured `metric` (p50, p99) in ms at `batch`, if measured."""
@@ -250,8 +247,9 @@ def build_on_device(
     spec = BuildSpec(precision=precision, batch_sizes=tuple(batch_sizes), threads=threads, workdir=Path(workdir))
     runner = get_backend(name).load(bundle, spec)
     t1 = time.perf_counter()
+    reference = load_reference(Path(bundle_dir) / REFERENCE_FILE)
     try:
-        parity = check_reference(runner.run, Path(bundle_dir) / REFERENCE_FILE, precision, backend=name)
+        parity = check_reference(runner.run, reference, precision, backend=name)
         t2 = time.perf_counter()
         settings = LatencySettings(threads=threads, max_time_s=max_time_s, min_time_s=min(1.0, max_time_s),
                                    warmup_s=min(0.5, max_time_s / 4))
@@ -265,7 +263,7 @@ def build_on_device(
         backend=name, precision=precision, artifact=artifact, artifact_sha256=sha256_file(artifact),
         source_onnx_sha256=bundle.onnx_sha256 or sha256_file(bundle.onnx), input_name=bundle.input_name,
         output_name=bundle.output_name, input_shape=list(bundle.input_shape),
-        output_shape=list(load_reference(Path(bundle_dir) / REFERENCE_FILE)[1].shape[1:]), parity=parity,
+        output_shape=list(reference[1].shape[1:]), parity=parity,
         latency=[dataclasses.asdict(r) for r in results], skipped_backends=skipped,
         engine=engine.to_dict() if engine is not None else None,
         seconds={"build": t1 - t0, "verify": t2 - t1, "benchmark": t3 - t2},

@@ -67,6 +67,15 @@ def tolerances(precision: str, max_rel: float | None = None, min_top1: float | N
     return (max_rel if max_rel is not None else default_rel, min_top1 if min_top1 is not None else default_top1)
 
 
+def batch_differences(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, int]:
+    """(max |diff|, max |diff| relative to each sample's largest |logit| (at least 1), mean
+    |diff|, samples whose top-1 class agrees) of one batch of logits against the reference."""
+    diff = np.abs(out - ref)
+    scale = np.maximum(1.0, np.abs(ref).max(axis=1, keepdims=True))
+    return (float(diff.max()), float((diff / scale).max()), float(diff.mean()),
+            int((out.argmax(1) == ref.argmax(1)).sum()))
+
+
 def compare_outputs(
     model: nn.Module,
     run: Callable[[np.ndarray], np.ndarray],
@@ -97,12 +106,10 @@ def compare_outputs(
         out = np.asarray(run(np.ascontiguousarray(x.numpy())), dtype=np.float32)
         if out.shape != ref.shape:
             raise ParityError(f"{backend}: output shape {list(out.shape)} differs from PyTorch's {list(ref.shape)}")
-        diff = np.abs(out - ref)
-        max_diff = max(max_diff, float(diff.max()))
-        scale = np.maximum(1.0, np.abs(ref).max(axis=1, keepdims=True))
-        max_rel_diff = max(max_rel_diff, float((diff / scale).max()))
-        sum_diff += float(diff.mean()) * len(x)
-        agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        b_max, b_rel, b_mean, b_agree = batch_differences(out, ref)
+        max_diff, max_rel_diff = max(max_diff, b_max), max(max_rel_diff, b_rel)
+        sum_diff += b_mean * len(x)
+        agree += b_agree
         n += len(x)
     if n == 0:
         raise ParityError(f"{backend}: no samples to compare")

@@ -35,10 +35,10 @@ app.info.help = ("Provable Filter Pruning pipeline: prune CNN filters with data-
                  "retrain, export, benchmark, gate and register (Prefect flows, MLflow tracking).")
 
 
-def _flow_errors():
+def _flow_errors(extra: tuple[type[BaseException], ...] = ()):
     from flows.tracking import TrackingError
 
-    return _errors((*EXPORT_ERRORS, TrackingError))
+    return _errors((*EXPORT_ERRORS, TrackingError, *extra))
 
 
 def _load(config: Optional[Path], set_: Optional[list[str]]):
@@ -143,16 +143,9 @@ app.add_typer(device_app, name="device")
 TargetsArg = Annotated[Path, typer.Argument(help="targets YAML (see configs/targets_example.yaml)")]
 
 
-def _edge_errors():
-    from flows.rollout import VersionNotFound
-
-    return _flow_errors_with((ValueError, LookupError, VersionNotFound))
-
-
-def _flow_errors_with(extra: tuple):
-    from flows.tracking import TrackingError
-
-    return _errors((*EXPORT_ERRORS, TrackingError, *extra))
+# A bad targets file, an unknown device or version (VersionNotFound is a ValueError), a
+# missing server or deployment: one line each. Device commands add a job that failed there.
+EDGE_ERRORS = (ValueError, LookupError)
 
 
 def _rollout_table(report: dict) -> Table:
@@ -184,7 +177,7 @@ def deploy_cmd(
     max_time: Annotated[float, typer.Option(help="timing budget per batch size on the device, seconds")] = 5.0,
 ) -> None:
     """Roll the registry's champion (or --version) out to the edge: canaries first, then the fleet."""
-    with _edge_errors():
+    with _flow_errors(EDGE_ERRORS):
         from deploy.targets import load_targets
         from flows.rollout import RolloutStopped, deploy_flow
 
@@ -242,7 +235,7 @@ def device_register_cmd(
     source: Annotated[Optional[Path], typer.Option(help="this repository as the workers see it (default: here)")] = None,
 ) -> None:
     """Create the device flows' deployments on every work pool of the targets, and each device's concurrency limit."""
-    with _edge_errors():
+    with _flow_errors(EDGE_ERRORS):
         from deploy.targets import load_targets
         from flows.device import ensure_device_limits, register_device_deployments
         from flows.tracking import REPO
@@ -260,15 +253,17 @@ def device_register_cmd(
 def device_status_cmd(device: Annotated[str, typer.Argument(help="device name")], targets: TargetsArg,
                       timeout: Annotated[float, typer.Option(help="seconds to wait for the device")] = 300.0) -> None:
     """What the device serves, read on the device by its own worker."""
-    with _flow_errors_with((ValueError, LookupError, RuntimeError)):
+    with _flow_errors((*EDGE_ERRORS, RuntimeError)):
         import json as _json
 
         from prefect.artifacts import Artifact
 
+        from flows.device import status_key
+
         t = _target(targets, device)
         _need_servers()
         _run_on_device("status", t, {"device": t.name}, timeout)
-        art = Artifact.get(f"device-{t.name.lower().replace('.', '-').replace('_', '-')}")
+        art = Artifact.get(status_key(t.name))
         table = Table(title=f"{t.name}: model repository")
         rows = _json.loads(art.data) if art and art.data else []
         cols = ["model", "active", "previous", "serving", "in_sync", "registry_version", "backend", "problems"]
@@ -284,7 +279,7 @@ def device_rollback_cmd(device: Annotated[str, typer.Argument(help="device name"
                         model: Annotated[str, typer.Option(help="model name on the device")],
                         timeout: Annotated[float, typer.Option(help="seconds to wait for the device")] = 300.0) -> None:
     """Re-activate the previous version of a model on one device."""
-    with _flow_errors_with((ValueError, LookupError, RuntimeError)):
+    with _flow_errors((*EDGE_ERRORS, RuntimeError)):
         t = _target(targets, device)
         _need_servers()
         _run_on_device("rollback", t, {"device": t.name, "model_name": model}, timeout)

@@ -286,8 +286,9 @@ def _gate_and_register(cfg: PipelineConfig, config: dict, base: dict, rows: list
     })
     number = str(version.version)
     gate_cfg = config
-    if cfg.edge.gate_targets():
-        edge_latency, edge_errors, extra_checks = _edge_gate_bench(cfg, number, client, parent_id)
+    gate_devices = cfg.edge.gate_targets()
+    if gate_devices:
+        edge_latency, edge_errors, extra_checks = _edge_gate_bench(cfg, gate_devices, number, client, parent_id)
         latency |= edge_latency
         errors |= edge_errors
         gate_cfg = {**config, "gate": {**config["gate"], "latency": [*config["gate"]["latency"], *extra_checks]}}
@@ -301,7 +302,7 @@ def _gate_and_register(cfg: PipelineConfig, config: dict, base: dict, rows: list
     return {"decision": decision, "version": number, "promoted": promoted}
 
 
-def _edge_gate_bench(cfg: PipelineConfig, version: str, client, parent_id: str) -> tuple[dict, dict, list]:
+def _edge_gate_bench(cfg: PipelineConfig, devices: list, version: str, client, parent_id: str) -> tuple[dict, dict, list]:
     """Build, check and time the registered candidate on the gate devices (on their own
     workers); their latency rows, why a device was not measured, and one budget check per
     device that has a latency budget."""
@@ -309,7 +310,6 @@ def _edge_gate_bench(cfg: PipelineConfig, version: str, client, parent_id: str) 
     from flows.tracking import resolve_tracking_uri
 
     e = cfg.edge
-    devices = e.gate_targets()
     try:
         report = deploy_flow(str(Path(e.targets_file).resolve()), cfg.model_name, version=version, mode="benchmark",
                              settings={"roles": ["gate"], "pickup_timeout_s": e.pickup_timeout_s,

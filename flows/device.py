@@ -124,7 +124,7 @@ def build_task(job: dict, bundle: str, workdir: str) -> dict:
 @task(name="install-activate")
 def install_task(job: dict, device_root: str, built: dict, reference: str) -> dict:
     j = DeviceJob.model_validate(job)
-    b = Built(**{**built, "artifact": Path(built["artifact"])})
+    b = Built.from_dict(built)
     start = time.perf_counter()
     version = install_built(device_root, j.model_name, b, registry=(j.model_name, j.version))
     state = activate_checked(device_root, j.model_name, version, reference=reference)
@@ -233,7 +233,7 @@ def device_deploy_flow(job: dict, experiment: str, parent_run_id: str | None = N
                 installed = None
                 if j.mode == "deploy":
                     # A benchmark for the promotion gate reports its figures; the gate judges them.
-                    check_budget(Built(**{**built, "artifact": Path(built["artifact"])}), j.latency_budget_ms,
+                    check_budget(Built.from_dict(built), j.latency_budget_ms,
                                  metric=j.budget_metric, device=dev.name)
                     installed = install_task(job, str(dev.root), built, str(Path(fetched["bundle"]) / "reference.npz"))
                     logger.info(f"active: repository version {installed['repository_version']} "
@@ -282,13 +282,18 @@ def device_state(dev: Device) -> dict[str, Any]:
     return out
 
 
+def status_key(device: str) -> str:
+    """The Prefect artifact key of a device's status table (keys: lowercase letters, digits, '-')."""
+    return "device-" + "".join(c if c.isalnum() else "-" for c in device.lower())
+
+
 def _publish_status(dev: Device) -> dict:
     from prefect.artifacts import create_table_artifact
 
     state = device_state(dev)
     rows = [{"model": m, **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in s.items()}}
             for m, s in state.items()]
-    create_table_artifact(rows or [{"model": "(none)"}], key=f"device-{dev.name.lower().replace('.', '-').replace('_', '-')}",
+    create_table_artifact(rows or [{"model": "(none)"}], key=status_key(dev.name),
                           description=f"model repository of {dev.name}")
     return state
 

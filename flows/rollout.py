@@ -209,7 +209,7 @@ def deploy_one(target: Target, job: dict, experiment: str, experiment_id: str, p
     out.seconds = time.monotonic() - start
     result, error = device_run_result(experiment_id, job["rollout_id"], target.name,
                                       lost_reason=reason if status in ("lost", "timed_out") else None)
-    out.result = (result or {}) | {"rollout_id": job["rollout_id"]} if result else None
+    out.result = result | {"rollout_id": job["rollout_id"]} if result else None
     if status == "ok":
         out.status = "active" if job["mode"] == "deploy" else "benchmarked"
     elif status == "failed":
@@ -242,7 +242,7 @@ def deploy_device_task(target: dict, job: dict, experiment: str, experiment_id: 
     out = deploy_one(t, job, experiment, experiment_id, parent_run_id, s, stage)
     # A job cut off (timed out, crashed) may have switched the device; the device flow rolls
     # back its own failed checks, but only the device can say what it serves now.
-    if out.status in ("timed_out", "lost", "failed") and job["mode"] == "deploy" and "device busy" not in out.reason:
+    if out.status in ("timed_out", "lost", "failed") and job["mode"] == "deploy":  # not "busy": it changed nothing
         done, why = rollback_one(t, job["model_name"], job["version"], s)
         out.rolled_back = done
         if why:
@@ -268,6 +268,7 @@ def deploy_flow(targets_path: str, model_name: str, version: str | None = None, 
     """Roll `model_name` (version, or the version `alias` names) out to the targets in
     `targets_path`, stage by stage; raises RolloutStopped after recording a failure."""
     import mlflow
+    from mlflow import MlflowClient
 
     from flows.tracking import check_tracking_server, setup_mlflow, tracked_run
 
@@ -312,8 +313,6 @@ def deploy_flow(targets_path: str, model_name: str, version: str | None = None, 
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(plot_rollout(result, Path(tmp) / "rollout.png")))
         mlflow.set_tag("pfp.outcome", report.summary()[:5000])
-        from mlflow import MlflowClient
-
         if mode == "deploy":
             MlflowClient().set_model_version_tag(model_name, version, "deploy.last_rollout",
                                                  f"{rollout_id}: {report.summary()}"[:5000])
