@@ -13,7 +13,7 @@ from rich.console import Console
 
 from flows.config import config_from_json, load_pipeline_config
 from flows.tracking import flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run
-from pfp.compare import compare_point, save_compare
+from pfp.compare import VARIANTS, compare_point, save_compare
 from pfp.config import CompareConfig
 from pfp.pipeline import _hash, cached_setup, calibration_fingerprint
 
@@ -22,10 +22,10 @@ POINT_METRICS = ("acc", "loss", "acc_before_retrain", "acc_change", "params", "f
 
 
 @task(name="compare-point")
-def point_task(config: dict, method: str, reduction: float, label: str) -> dict:
+def point_task(config: dict, method: str, reduction: float, label: str, shared: bool = True) -> dict:
     cfg = config_from_json(config)
     return compare_point(cached_setup(cfg, progress=False), cfg, method, reduction, console=Console(),
-                         progress=False, label=label)
+                         progress=False, label=label, shared=shared)
 
 
 @flow(name="pfp-compare", log_prints=False)
@@ -42,7 +42,8 @@ def compare_flow(config: dict | None = None, config_path: str | None = None, met
         config = cfg.model_dump(mode="json")
     else:
         cfg = config_from_json(config)
-    cc = CompareConfig(methods=methods or cfg.compare.methods, reductions=reductions or cfg.compare.reductions)
+    cc = CompareConfig(methods=methods or cfg.compare.methods, reductions=reductions or cfg.compare.reductions,
+                       postprocess=cfg.compare.postprocess)
     logger = get_run_logger()
     setup_mlflow(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir), f"{cfg.experiment_name}-compare")
     start = time.perf_counter()
@@ -50,20 +51,22 @@ def compare_flow(config: dict | None = None, config_path: str | None = None, met
     fp = calibration_fingerprint(setup)
     tags = run_tags(_hash(config), fp["data_hash"]) | {"pfp.flow": "compare"}
     rows = []
-    total = len(cc.methods) * len(cc.reductions)
-    for method in cc.methods:
-        for red in cc.reductions:
-            n = len(rows) + 1
-            row = point_task(config, method, red, f"[{n}/{total}]")
-            rows.append(row)
-            with tracked_run(f"{method} -{red:.0%} FLOPs", tags=tags | {"pfp.method": method},
-                             params=flatten_params({"method": method, "reduction": red, **config})):
-                log_metrics_at({k: row.get(k) for k in POINT_METRICS} | {"base_acc": setup.acc})
-                if row.get("error"):
-                    mlflow.set_tag("pfp.error", row["error"][:5000])
-                    logger.warning(f"{method} at -{red:.0%} FLOPs failed: {row['error']}")
-                else:
-                    mlflow.log_artifact(row["report_path"], "report")
+    variants = VARIANTS[cc.postprocess]
+    total = len(cc.methods) * len(cc.reductions) * len(variants)
+    for method, shared, red in ((m, v, r) for m in cc.methods for v in variants for r in cc.reductions):
+        n = len(rows) + 1
+        row = point_task(config, method, red, f"[{n}/{total}]", shared)
+        rows.append(row)
+        pp = "shared" if shared else "plain"
+        with tracked_run(f"{method}{' + BN/refit' if shared else ''} -{red:.0%} FLOPs",
+                         tags=tags | {"pfp.method": method, "pfp.postprocess": pp},
+                         params=flatten_params({"method": method, "reduction": red, "postprocess": pp, **config})):
+            log_metrics_at({k: row.get(k) for k in POINT_METRICS} | {"base_acc": setup.acc})
+            if row.get("error"):
+                mlflow.set_tag("pfp.error", row["error"][:5000])
+                logger.warning(f"{method} at -{red:.0%} FLOPs failed: {row['error']}")
+            else:
+                mlflow.log_artifact(row["report_path"], "report")
     out = setup.run_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
     paths = save_compare(rows, setup, cfg, out, time.perf_counter() - start)

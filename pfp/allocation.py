@@ -1,9 +1,16 @@
 """Per-group channel budgets (spec sections 3 and 5).
 
-PFP turns one global tolerance eps into a kept-channel count per group through the
-Bernstein sample-size bound; the baselines use one keep ratio for all groups (uniform) or
-one threshold on normalised scores (global). Each allocator maps a scalar knob to counts,
-monotonically, and `solve` bisects the knob until the predicted resource meets the target.
+The paper turns one global tolerance eps into a kept-channel count per group through the
+Bernstein sample-size bound (`pfp_counts`, `solve`); the baselines use one keep ratio for all
+groups (uniform) or one threshold on normalised scores (global). Each of those maps a scalar
+knob to counts, monotonically, and `solve` bisects the knob until the predicted resource
+meets the target.
+
+`bound_counts` keeps the bound but drops the single eps: it inverts the bound per group
+(eps_g(k), the tolerance at which k channels suffice) and chooses per-layer tolerances that
+minimise the composed error bound sum_g log(1 + eps_g) at the target resource, with a
+Lagrangian over the exact resource model and a greedy spend of the remainder by gain per
+unit of cost.
 """
 from __future__ import annotations
 
@@ -80,19 +87,6 @@ def pfp_counts(stats: list[GroupStats], eps: float, delta: float, multiple: int 
         k = math.ceil(expected_distinct(g.sensitivity / S, m) - 1e-9)
         out.append(round_count(k, g.size, multiple, minimum))
     return out
-
-
-def cost_scales(costs: list[float], exponent: float) -> list[float]:
-    """eps_g / eps = (cost per channel of g / geometric mean cost) ** exponent.
-
-    exponent 0 is the paper's single tolerance; > 0 gives layers whose channels cost more of
-    the budgeted resource a looser tolerance, so cheap layers are not cut for nothing.
-    """
-    if exponent == 0 or not costs:
-        return [1.0] * len(costs)
-    logs = [math.log(max(c, 1e-12)) for c in costs]
-    mean = sum(logs) / len(logs)
-    return [math.exp(exponent * (l - mean)) for l in logs]
 
 
 def uniform_counts(sizes: list[int], ratio: float, multiple: int = 1, minimum: int = 1) -> list[int]:
@@ -175,3 +169,166 @@ def top_up(counts: list[int], sizes: list[int], scores: list[torch.Tensor], reso
             counts = trial
         else:
             blocked.add(best)
+
+
+# ----------------------------------------------------------------------------- per-layer eps
+def eps_at_sample_size(g: GroupStats, m: torch.Tensor, delta: float) -> torch.Tensor:
+    """The eps at which the bound asks for m samples: the root of m eps^2 = 3 alpha S (6 + 2 eps)."""
+    a_s = alpha(g.kernel, g.positions, delta) * g.mass
+    m = m.double()
+    return (6 * a_s + torch.sqrt(36 * a_s**2 + 72 * m * a_s)) / (2 * m)
+
+
+def eps_for_counts(g: GroupStats, counts: list[int], delta: float) -> torch.Tensor:
+    """eps_g(k) for each k in counts: the smallest tolerance at which the bound keeps <= k channels.
+
+    0 where k keeps every channel with mass (no error is introduced). Vectorised over k:
+    M_k, the largest m whose expected number of distinct draws is <= k, is found by one
+    bisection in log m for all k at once.
+    """
+    k = torch.tensor(counts, dtype=torch.float64)
+    out = torch.zeros_like(k)
+    if g.mass <= 0:
+        return out
+    p = (g.sensitivity.double() / g.mass).clamp(min=0)
+    n_pos = int((p > 0).sum())
+    todo = k < n_pos
+    if not bool(todo.any()):
+        return out
+    logq = torch.log1p(-p[p > 0].clamp(max=1 - 1e-15))  # [n_pos]
+    kt = k[todo]
+
+    def distinct(m: torch.Tensor) -> torch.Tensor:  # [K] -> E[#distinct] [K]
+        return (1 - torch.exp(m.unsqueeze(1) * logq.unsqueeze(0))).sum(1)
+
+    lo = torch.zeros_like(kt)  # log m: E(1) = 1 <= k always
+    hi = torch.full_like(kt, 1.0)
+    while True:  # grow hi until E(e^hi) > k for every k (k < n_pos makes this finite)
+        over = distinct(torch.exp(hi)) <= kt
+        if not bool(over.any()) or float(hi.max()) > 80:
+            break
+        hi = torch.where(over, hi * 2, hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        ok = distinct(torch.exp(mid)) <= kt + 1e-9
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    # the bound's m is a whole number: the largest one that still keeps <= k, then an eps just
+    # past it, so that pfp_counts(eps_g(k)) == k
+    m = torch.floor(torch.exp(lo) * (1 + 1e-12)).clamp(min=1)
+    out[todo] = eps_at_sample_size(g, m, delta) * (1 + 1e-7)
+    return out
+
+
+@dataclass
+class BoundAllocation:
+    counts: list[int]
+    eps: list[float]  # eps_g at the kept counts
+    multiplier: float  # the Lagrange multiplier of the resource constraint (per unit of resource)
+
+
+def allowed_counts(size: int, multiple: int, minimum: int) -> list[int]:
+    """Every count round_count can return for this group, ascending."""
+    return sorted({round_count(k, size, multiple, minimum) for k in range(1, size + 1)})
+
+
+def mass_eps(g: GroupStats, counts: list[int]) -> torch.Tensor:
+    """The deterministic tolerance of keeping the k most sensitive channels: the dropped mass.
+
+    Channel j's share of any unit's pre-activation (W+ and W- parts alike) is at most s_j on
+    every point of S, so dropping the set D moves each pre-activation by at most
+    sum_{j in D} s_j of itself: a (1 +/- eps) guarantee on S with eps = that sum.
+    """
+    ranked = torch.sort(g.sensitivity.double(), descending=True).values
+    tail = torch.cat([ranked.flip(0).cumsum(0).flip(0), ranked.new_zeros(1)])  # tail[k] = sum of ranked[k:]
+    return tail[torch.tensor(counts, dtype=torch.long)]
+
+
+def bound_counts(stats: list[GroupStats], delta: float, resource_of: Callable[[list[int]], float], target: float,
+                 multiple: int = 1, minimum: int = 1, relinearise: int = 3, kind: str = "sample") -> BoundAllocation:
+    """Per-layer tolerances minimising sum_g log(1 + eps_g(k_g)) subject to resource(k) <= target.
+
+    kind="sample": eps_g(k) from the Bernstein sample-size bound (eps_for_counts);
+    kind="mass": eps_g(k) is the sensitivity mass of the dropped channels (mass_eps).
+    The resource is bilinear in the counts (a conv's cost scales with its kept inputs times
+    its kept outputs), so each round linearises it at the current counts: c_g is the exact
+    cost of one channel of g given the others. For a multiplier lam each group then picks
+    argmin_k log(1 + eps_g(k)) + lam c_g k on its own; lam is bisected so the exact resource
+    meets the target. The remainder is spent greedily by bound gain per unit of exact cost.
+    """
+    cands = [allowed_counts(g.size, multiple, minimum) for g in stats]
+    if kind == "mass":
+        bound = [torch.log1p(mass_eps(g, c)) for g, c in zip(stats, cands)]
+    else:
+        bound = [torch.log1p(eps_for_counts(g, c, delta)) for g, c in zip(stats, cands)]
+    return lagrangian_counts(cands, bound, resource_of, target, relinearise)
+
+
+def lagrangian_counts(cands: list[list[int]], bound: list[torch.Tensor], resource_of: Callable[[list[int]], float],
+                      target: float, relinearise: int = 3) -> BoundAllocation:
+    """min sum_g bound[g][k_g] over k_g in cands[g] subject to resource_of(k) <= target (see bound_counts)."""
+    cand_t = [torch.tensor(c, dtype=torch.float64) for c in cands]
+    counts = [c[-1] for c in cands]
+    lam_best = 0.0
+
+    def channel_costs(at: list[int]) -> list[float]:
+        out = []
+        for i, (k, c) in enumerate(zip(at, cands)):
+            j = c.index(k)
+            if j > 0:
+                lower = c[j - 1]
+            elif j + 1 < len(c):  # at the minimum: measure the step above instead
+                lower, k = k, c[j + 1]
+            else:
+                out.append(0.0)
+                continue
+            trial = list(at)
+            trial[i] = k
+            hi_r = resource_of(trial)
+            trial[i] = lower
+            out.append(max(hi_r - resource_of(trial), 0.0) / (k - lower))
+        return out
+
+    def pick(lam: float, costs: list[float]) -> list[int]:
+        return [c[int(torch.argmin(b + lam * cost * ct))] for c, b, cost, ct in zip(cands, bound, costs, cand_t)]
+
+    for _ in range(max(1, relinearise)):
+        costs = channel_costs(counts)
+        lo, hi = 0.0, 1.0
+        while resource_of(pick(hi, costs)) > target and hi < 1e300:
+            lo, hi = hi, hi * 10
+        if resource_of(pick(lo, costs)) <= target:
+            hi = lo
+        for _ in range(100):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
+            if resource_of(pick(mid, costs)) > target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-9 * hi:
+                break
+        counts, lam_best = pick(hi, costs), hi
+
+    # spend the remainder: the step with the largest bound gain per unit of exact cost
+    current = resource_of(counts)
+    while True:
+        best, best_ratio, best_r = None, -1.0, current
+        for i, c in enumerate(cands):
+            j = c.index(counts[i])
+            if j + 1 >= len(c):
+                continue
+            trial = list(counts)
+            trial[i] = c[j + 1]
+            r = resource_of(trial)
+            if r > target:
+                continue
+            gain = float(bound[i][j] - bound[i][j + 1])
+            ratio = gain / max(r - current, 1e-30)
+            if ratio > best_ratio:
+                best, best_ratio, best_r = i, ratio, r
+        if best is None:
+            break
+        counts[best] = cands[best][cands[best].index(counts[best]) + 1]
+        current = best_r
+    eps = [float(torch.expm1(b[c.index(k)])) for b, c, k in zip(bound, cands, counts)]
+    return BoundAllocation(counts, eps, lam_best)

@@ -236,7 +236,7 @@ def prune_cmd(
     with _errors():
         import torch
 
-        from pfp.pipeline import calibration_loaders, load_checkpoint_for, load_data
+        from pfp.pipeline import calibration_loaders, load_checkpoint_for, load_data, split_training
         from pfp.prune import prune
         from pfp.serialization import save_model
         from pfp.data import make_loader
@@ -264,12 +264,14 @@ def prune_cmd(
             reference = (int(rep["original_params"]), int(rep["original_flops"]))
         model.to(device)
         example = example.to(device)
-        calib, hold, n_calib, n_hold = calibration_loaders(cfg, data, model, example, console)
+        _, held_out = split_training(cfg, data.train)
+        cal = calibration_loaders(cfg, data, model, example, console, pool=held_out)
         test_loader = make_loader(data.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers)
         before = evaluate(model, test_loader, device)["acc"] if evaluate_ else None
-        console.print(f"[bold]prune[/] {checkpoint}: {cfg.prune.method}, keep {keep:.0%} of the {cfg.prune.target}, |S| = {n_calib}")
+        console.print(f"[bold]prune[/] {checkpoint}: {cfg.prune.method}, keep {keep:.0%} of the {cfg.prune.target}, |S| = {cal.calib_size}")
         pruned, report, soft = prune(
-            model, calib, cfg.prune, keep, example_input=example, reference=reference, holdout_loader=hold,
+            model, cal.calib, cfg.prune, keep, example_input=example, reference=reference, holdout_loader=cal.holdout,
+            postprocess_loader=cal.postprocess,
             device=device, seed=cfg.seed,
         )  # fmt: skip
         if soft is not None:  # SFP without retraining: remove the zeroed filters now

@@ -2,10 +2,13 @@
 
 Same trained base model, same data, same calibration set, same retraining budget, same
 FLOP target: each method prunes the base one-shot to (1 - reduction) of its FLOPs, is
-evaluated before and after retraining with cfg.retrain, and lands in one table.
+evaluated before and after retraining with cfg.retrain, and lands in one table. Each method
+runs plain (as published: no BN recalibration, no reconstruction) and with the shared
+post-processing (both on, for every method alike), so a win is attributed to its cause:
+the method's scores and budgets, or the post-processing any method can have.
 
 Writes output_dir/<name>/compare/compare.json, compare.csv and compare.png, plus one
-folder per point (<method>_r<reduction>/ with model.pt, report.json, done.json) so an
+folder per point (<method>[+pp]_r<reduction>/ with model.pt, report.json, done.json) so an
 interrupted comparison continues where it stopped. A method that cannot reach a point
 (PruneError) or fails there is recorded with its error, and the comparison goes on.
 """
@@ -35,15 +38,20 @@ from pfp.plots import new_axes, save_figure
 
 __all__ = ["run_compare", "compare_point", "save_compare", "CSV_FIELDS"]
 
+VARIANTS = {"plain": [False], "shared": [True], "both": [False, True]}
 CSV_FIELDS = [
-    "method", "reduction", "keep_ratio", "achieved_keep", "target_flops_removed_pct", "flops_removed_pct",
+    "method", "postprocess", "target", "reduction", "keep_ratio", "achieved_keep", "target_flops_removed_pct", "flops_removed_pct",
     "params_removed_pct", "params", "flops", "acc_before_retrain", "acc", "acc_change", "eps",
     "prune_seconds", "retrain_seconds", "seconds", "error",
 ]  # fmt: skip
 
 
-def _point_dir(out: Path, method: str, reduction: float) -> Path:
-    return out / f"{method}_r{reduction:g}"
+def _point_dir(out: Path, method: str, reduction: float, shared: bool) -> Path:
+    return out / f"{method}{'+pp' if shared else ''}_r{reduction:g}"
+
+
+def _label(r: dict) -> str:
+    return r["method"] + (" + BN/refit" if r.get("postprocess") == "shared" else "")
 
 
 def _table(rows: list[dict], setup: Setup, name: str) -> Table:
@@ -53,12 +61,12 @@ def _table(rows: list[dict], setup: Setup, name: str) -> Table:
     t.add_row("unpruned", "0%", "0%", "", f"{setup.acc:.2f}%", "", "", style="dim")
     for r in rows:
         if r.get("error"):
-            t.add_row(r["method"], f"({r['target_flops_removed_pct']:.0f}%)", "", "", Text("failed", style="red"), "", "")
+            t.add_row(_label(r), f"({r['target_removed_pct']:.0f}%)", "", "", Text("failed", style="red"), "", "")
             continue
         t.add_row(
-            r["method"],
-            f"{r['flops_removed_pct']:.1f}% ({r['target_flops_removed_pct']:.0f}%)",
-            f"{r['params_removed_pct']:.1f}%",
+            _label(r),
+            f"{r['flops_removed_pct']:.1f}%" + (f" ({r['target_removed_pct']:.0f}%)" if r["target"] == "flops" else ""),
+            f"{r['params_removed_pct']:.1f}%" + (f" ({r['target_removed_pct']:.0f}%)" if r["target"] == "params" else ""),
             f"{r['acc_before_retrain']:.2f}%",
             f"{r['acc']:.2f}%",
             Text(f"{r['acc_change']:+.2f}", style="green" if r["acc_change"] >= -setup.cfg.prune.tolerance else "red"),
@@ -70,11 +78,12 @@ def _table(rows: list[dict], setup: Setup, name: str) -> Table:
 def _plot(rows: list[dict], base_acc: float, name: str, path: Path) -> Path:
     fig, ax = new_axes()
     markers = "osD^v<>PX*"
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(_label(r) for r in rows))
     for i, m in enumerate(methods):
-        pts = sorted((r["flops_removed_pct"], r["acc"]) for r in rows if r["method"] == m and not r.get("error"))
+        pts = sorted((r["flops_removed_pct"], r["acc"]) for r in rows if _label(r) == m and not r.get("error"))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m,
+                    ls="--" if "BN/refit" in m else "-")
     ax.axhline(base_acc, color="black", ls="--", lw=1, label=f"unpruned {base_acc:.2f}%")
     ax.set_xlabel("FLOPs removed (%)")
     ax.set_ylabel("test accuracy after retraining (%)")
@@ -101,6 +110,7 @@ def run_compare(
         cc = CompareConfig(
             methods=methods if methods is not None else cfg.compare.methods,
             reductions=reductions if reductions is not None else cfg.compare.reductions,
+            postprocess=cfg.compare.postprocess, target=cfg.compare.target,
         )
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         errs = getattr(e, "errors", lambda: [{"loc": (), "msg": str(e)}])()
@@ -112,21 +122,23 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict] = []
-    total = len(cc.methods) * len(cc.reductions)
+    variants = VARIANTS[cc.postprocess]
+    total = len(cc.methods) * len(cc.reductions) * len(variants)
     n = 0
     for method in cc.methods:
-        for red in cc.reductions:
-            n += 1
-            row = compare_point(setup, cfg, method, red, console=console, progress=progress,
-                                label=f"[{n}/{total}]")
-            rows.append(row)
-            save_compare(rows, setup, cfg, out, time.perf_counter() - start)  # partial results survive a crash
+        for shared in variants:
+            for red in cc.reductions:
+                n += 1
+                row = compare_point(setup, cfg, method, red, console=console, progress=progress,
+                                    label=f"[{n}/{total}]", shared=shared, target=cc.target)
+                rows.append(row)
+                save_compare(rows, setup, cfg, out, time.perf_counter() - start)  # partial results survive a crash
 
     paths = save_compare(rows, setup, cfg, out, time.perf_counter() - start)
     console.print(_table(rows, setup, cfg.name))
     for r in rows:
         if r.get("error"):
-            _say(console, f"failed: {r['method']} at -{r['reduction']:.1%} FLOPs: {r['error']}", style="red")
+            _say(console, f"failed: {_label(r)} at -{r['reduction']:.1%} FLOPs: {r['error']}", style="red")
     failed = sum(1 for r in rows if r.get("error"))
     _say(
         console,
@@ -139,17 +151,21 @@ def run_compare(
 
 def compare_point(
     setup: Setup, cfg: RunConfig, method: str, reduction: float, *, console: Console,
-    progress: bool, label: str = "",
+    progress: bool, label: str = "", shared: bool = True, target: str = "flops",
 ) -> dict:
     """One comparison point: `method` removes `reduction` of the base's FLOPs, then retrains.
 
-    The model starts from setup.base_state() (the same weights for every method); a finished point
-    is reused. A failure is returned as a row with its `error`, not raised.
+    shared: with BN recalibration and reconstruction (as every method may have them); else
+    plain, as the method was published. The model starts from setup.base_state() (the same
+    weights for every method); a finished point is reused. A failure is returned as a row
+    with its `error`, not raised.
     """
-    pc = cfg.prune.model_copy(update={"method": method, "target": "flops"})
+    pc = cfg.prune.model_copy(update={"method": method, "target": target, "bn_recalibration": shared,
+                                      "reconstruct": shared})
     keep = round(1.0 - reduction, 10)
-    extra = {"reduction": reduction, "target_flops_removed_pct": 100.0 * reduction}
-    point = _point_dir(setup.run_dir / "compare", method, reduction)
+    extra = {"reduction": reduction, f"target_{target}_removed_pct": 100.0 * reduction,
+             "target_removed_pct": 100.0 * reduction, "postprocess": "shared" if shared else "plain"}
+    point = _point_dir(setup.run_dir / "compare" / ("" if target == "flops" else target), method, reduction, shared)
     key = _step_key(setup, pc, [keep], cfg.seed)
     setup.model.load_state_dict(setup.base_state())  # every method starts from the same weights
     try:
@@ -157,8 +173,8 @@ def compare_point(
             setup, setup.model, pc, keep, point, key, seed=cfg.seed, console=console, progress=progress, label=label,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - one failing point must not end the comparison
-        row = _error_row(method, "flops", keep, e)
-        _say(console, f"      {method} at -{reduction:.0%} FLOPs failed: {row['error']}", style="red")
+        row = _error_row(method, target, keep, e)
+        _say(console, f"      {_label(extra | {'method': method})} at -{reduction:.0%} FLOPs failed: {row['error']}", style="red")
     return row | extra
 
 

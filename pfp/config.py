@@ -65,8 +65,24 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
 
 
+ALLOCATIONS = ("mass_bound", "sample_bound", "single_eps", "uniform", "global")
+
+
+def known_methods() -> list[str]:
+    """The names in pfp.methods' registry (imported late: it imports this module)."""
+    from pfp.methods import METHODS
+
+    return list(METHODS)
+
+
+def _check_method(name: str) -> str:
+    if name not in known_methods():
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(known_methods())}")
+    return name
+
+
 class PruneConfig(_Strict):
-    method: Literal["pfp", "ft", "sfp", "fpgm", "hrank", "random", "tp_magnitude", "tp_taylor"] = "pfp"
+    method: str = Field("pfp", description="a name in pfp.methods' registry (pfp compare lists them)")
     target: Literal["flops", "params"] = "flops"
     keep_ratios: list[float] = Field(
         default_factory=lambda: [0.5, 0.3, 0.15],
@@ -77,17 +93,48 @@ class PruneConfig(_Strict):
     sensitivity: Literal["sum", "max_offset"] = Field(
         "sum", description="sum: channel's share over the kernel (paper Fig. 1); max_offset: reference code"
     )
-    round_to: int = Field(8, ge=1, description="round kept channels to a multiple of this (1: off)")
-    cost_exponent: float = Field(
-        0.0, ge=0, le=2,
-        description="PFP: eps_g = eps * (channel cost / mean)^x; 0 is the paper's single eps; "
-        "> 0 is an experiment of ours (see README)",
+    allocation: Literal[ALLOCATIONS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="channel budgets: mass_bound / sample_bound (per-layer eps_l minimising sum log(1+eps_l) at "
+        "the target; eps_l the dropped sensitivity mass, or from the sample-size bound), single_eps (the paper's "
+        "one eps), uniform (same ratio), global (one score threshold); None is the method's own",
     )
+    group_score: Literal["weighted", "max"] | None = Field(
+        None,
+        description="PFP: how a channel's per-consumer sensitivities combine: weighted by each consumer's share "
+        "of the group's output (ties broken by data), or the max (the spec's section 1); None is the method's own",
+    )
+    round_to: int = Field(8, ge=1, description="round kept channels to a multiple of this (1: off)")
     min_channels: int = Field(1, ge=1)
+    calib_split: float = Field(
+        0.05, ge=0,
+        description="training images held out from training for S, BN recalibration, reconstruction and the "
+        "guarantee report: a fraction (< 1) or a count (>= 1); 0 draws them from the training images",
+    )
     calib_size: int | None = Field(None, ge=1, description="|S|; None uses the spec's formula")
-    holdout_size: int = Field(256, ge=1, description="held-out points for the coverage report")
+    holdout_size: int = Field(256, ge=1, description="held-out points (not in S) for the guarantee report")
+    bn_recalibration: bool = Field(True, description="re-estimate BatchNorm statistics after pruning (every method)")
+    reconstruct: bool | None = Field(
+        None, description="ridge least-squares refit of every consumer whose inputs shrank; None: on for pfp only"
+    )
+    postprocess_points: int = Field(
+        1024, ge=1, description="held-out training images for BN recalibration and reconstruction"
+    )
+    ridge: float = Field(1e-4, ge=0, description="reconstruction: ridge lambda relative to the mean diagonal of X^T X")
     tolerance: float = Field(0.5, ge=0, description="accuracy points allowed below the unpruned model")
     ignore_layers: list[str] = Field(default_factory=list, description="module names never pruned")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _check_method(v)
+
+    @field_validator("calib_split")
+    @classmethod
+    def _split(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"{v} is neither a fraction below 1 nor a whole number of images")
+        return v
 
     @field_validator("keep_ratios")
     @classmethod
@@ -104,9 +151,15 @@ class PruneConfig(_Strict):
 
 class CompareConfig(_Strict):
     methods: list[str] = Field(
-        default_factory=lambda: ["pfp", "ft", "sfp", "fpgm", "hrank", "random", "tp_magnitude", "tp_taylor"]
+        default_factory=known_methods
+    )
+    postprocess: Literal["both", "plain", "shared"] = Field(
+        "both",
+        description="plain: each method as published (no BN recalibration, no reconstruction); shared: every "
+        "method with BN recalibration and reconstruction; both: each method both ways",
     )
     reductions: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.85])
+    target: Literal["flops", "params"] = Field("flops", description="the resource the reductions remove")
 
     @field_validator("reductions")
     @classmethod
@@ -119,10 +172,8 @@ class CompareConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
-        known = PruneConfig.model_fields["method"].annotation.__args__  # type: ignore[union-attr]
         for m in v:
-            if m not in known:
-                raise ValueError(f"unknown method {m!r}; known: {', '.join(known)}")
+            _check_method(m)
         return v
 
 

@@ -168,3 +168,36 @@ class PruningGraph:
             # the root's own out-channel indices are untouched by other groups' removals
             group = self.dg.get_pruning_group(root, pruner.prune_out_channels, drop)
             group.prune()
+
+
+def kept_indices(groups: list[ChannelGroup], keep: dict[int, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(kept input indices of every consumer, kept output indices of every producer), original numbering.
+
+    Only layers that lose something appear; computed before removal, since removal resizes
+    the modules in place.
+    """
+    dropped: dict[tuple[str, str], set[int]] = {}
+    dims: dict[tuple[str, str], int] = {}
+    for g in groups:
+        if g.gid not in keep:
+            continue
+        drop = torch.ones(g.size, dtype=torch.bool)
+        drop[keep[g.gid]] = False
+        for side, items in (("in", g.consumers), ("out", g.producers)):
+            for it in items:
+                m = it.module
+                key = (it.name, side)
+                if side == "in":
+                    dims[key] = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+                else:
+                    dims[key] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                gone = it.in_idxs[drop[it.root_idxs]] if side == "in" else it.out_idxs[drop[it.root_idxs]]
+                dropped.setdefault(key, set()).update(int(i) for i in gone)
+    kept_in: dict[str, torch.Tensor] = {}
+    kept_out: dict[str, torch.Tensor] = {}
+    for (name, side), gone in dropped.items():
+        if not gone:
+            continue
+        idx = torch.tensor([i for i in range(dims[(name, side)]) if i not in gone], dtype=torch.long)
+        (kept_in if side == "in" else kept_out)[name] = idx
+    return kept_in, kept_out

@@ -48,6 +48,8 @@ class _ConsumerPlan:
         self.features: list[list[int]] = []  # input indices per unit
         self._index: dict[tuple[int, int], int] = {}
         self.best: torch.Tensor | None = None
+        self.contrib: torch.Tensor | None = None  # sum over points of each unit's mean |input| x |weight|
+        self.points = 0
         self.kp: tuple[int, int] = (1, 1)
 
     def add(self, gid: int, in_idxs: torch.Tensor, root_idxs: torch.Tensor) -> None:
@@ -70,19 +72,39 @@ class _ConsumerPlan:
 
         def fn(mod, inputs):
             a = inputs[0]
+            w = mod.weight.detach().abs()
             if conv:
                 s = conv_sensitivity(a, mod, mode)[channel_of_unit.to(a.device)]
+                # a grouped conv's weight has in_channels / groups columns: index within the group
+                cols = channel_of_unit.to(a.device) % w.shape[1]
+                per_in = a.detach().abs().mean(dim=(2, 3)).sum(0)[channel_of_unit.to(a.device)]
+                contrib = per_in * w.sum(dim=(0, 2, 3))[cols]
             else:
                 s = linear_sensitivity(a, mod, units, mode)
+                feat = a.detach().abs().reshape(-1, a.shape[-1])
+                per_feat = feat.mean(0) * w.sum(0) * (feat.shape[0] / a.shape[0])
+                padded = torch.cat([per_feat, per_feat.new_zeros(1)])
+                contrib = padded[units.masked_fill(units < 0, per_feat.numel())].sum(1) * a.shape[0]
             self.best = s if self.best is None else torch.maximum(self.best, s)
+            contrib = contrib.double().cpu()
+            self.contrib = contrib if self.contrib is None else self.contrib + contrib
+            self.points += a.shape[0]
             k, p = kernel_positions(mod, a)
             self.kp = (k if conv else units.shape[1], p)
 
         return fn
 
 
-def pfp_sensitivity(model: nn.Module, groups: list[ChannelGroup], calib_loader, device, mode: str = "sum") -> SensitivityResult:
-    """Empirical sensitivity s_j of every channel of every scorable group over S."""
+def pfp_sensitivity(model: nn.Module, groups: list[ChannelGroup], calib_loader, device, mode: str = "sum",
+                    aggregate: str = "max") -> SensitivityResult:
+    """Empirical sensitivity s_j of every channel of every scorable group over S.
+
+    A channel read by several consumers has one sensitivity per consumer. aggregate="max"
+    takes the largest (spec section 1); one saturated consumer (a 1x1 shortcut scores every
+    channel 1.0) then erases the ranking. aggregate="weighted" averages them, weighting each
+    consumer by its share of the group's output (sum over the group's channels of
+    mean |input| x |weight|), and breaks remaining ties by that contribution, never by index.
+    """
     plans: dict[str, _ConsumerPlan] = {}
     result = SensitivityResult(scores={})
     scorable = []
@@ -103,16 +125,33 @@ def pfp_sensitivity(model: nn.Module, groups: list[ChannelGroup], calib_loader, 
             result.points += x.shape[0]
     result.seconds = time.perf_counter() - start
     for g in scorable:
-        s = torch.zeros(g.size, dtype=torch.float64)
+        per_consumer: list[tuple[torch.Tensor, torch.Tensor]] = []  # (s_c, contribution_c) per group channel
         kp = (1, 1)
-        for c in g.consumers:
-            plan = plans[c.name]
+        for c in dict.fromkeys(c.name for c in g.consumers):
+            plan = plans[c]
             if plan.best is None:
                 continue
+            s_c = torch.zeros(g.size, dtype=torch.float64)
+            t_c = torch.zeros(g.size, dtype=torch.float64)
+            best = plan.best.double().cpu()
             for u, (gid, root) in enumerate(plan.keys):
                 if gid == g.gid:
-                    s[root] = max(s[root].item(), float(plan.best[u]))
+                    s_c[root] = max(float(s_c[root]), float(best[u]))
+                    t_c[root] += float(plan.contrib[u]) / max(1, plan.points)
+            per_consumer.append((s_c, t_c))
             kp = max(kp, plan.kp, key=lambda t: (t[1] + 1) * t[0])
+        if not per_consumer:
+            s = torch.zeros(g.size, dtype=torch.float64)
+        elif aggregate == "max":
+            s = torch.stack([sc for sc, _ in per_consumer]).amax(0)
+        else:
+            weights = torch.tensor([float(tc.sum()) for _, tc in per_consumer], dtype=torch.float64)
+            weights = weights / weights.sum() if float(weights.sum()) > 0 else torch.full_like(weights, 1 / len(weights))
+            s = sum(w * sc for w, (sc, _) in zip(weights, per_consumer))
+            contribution = sum(tc for _, tc in per_consumer)
+            # ties (equal s to float precision) go to the channel that carries more of the output
+            scale = max(float(s.max()), 1e-30) * 1e-9
+            s = s + scale * contribution / max(float(contribution.max()), 1e-30)
         result.scores[g.gid] = s
         result.kernel[g.gid], result.positions[g.gid] = kp
     return result

@@ -170,6 +170,8 @@ class VGG(nn.Module):
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
 
 
+VGG_SMALL_CFG: list[int | str] = [32, 32, "M", 64, 64, "M", 128, 128, "M"]  # VGG-style, CPU-sized
+
 _OURS = {
     "lenet5": lambda k, c, s: LeNet5(k, c, s),
     "lenet300_100": lambda k, c, s: LeNet300100(k, c, s),
@@ -177,6 +179,7 @@ _OURS = {
     "resnet56": lambda k, c, s: CifarResNet(56, k, c),
     "resnet110": lambda k, c, s: CifarResNet(110, k, c),
     "vgg16_bn": lambda k, c, s: VGG(VGG16_CFG, k, c, s),
+    "vgg_small": lambda k, c, s: VGG(VGG_SMALL_CFG, k, c, s),
 }
 
 

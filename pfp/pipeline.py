@@ -81,6 +81,7 @@ def base_config_hash(cfg: RunConfig) -> str:
             "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
             "train": cfg.train.model_dump(),
             "seed": cfg.seed,
+            "calib_split": cfg.prune.calib_split,  # the images held out are never trained on
         }
     )
 
@@ -180,31 +181,86 @@ def load_data(cfg: RunConfig, console: Console | None = None) -> DataBundle:
     return data
 
 
-def calibration_loaders(
-    cfg: RunConfig, data: DataBundle, model: nn.Module, example_input: torch.Tensor, console: Console | None = None
-) -> tuple[DataLoader, DataLoader | None, int, int]:
-    """(calibration loader, held-out loader or None, |S|, held-out size) from the training set.
+@dataclass
+class Calibration:
+    """The held-out training images pruning uses, as loaders (none of them trained on when calib_split > 0).
 
-    |S| is cfg.prune.calib_size or the spec's formula; both sets come without augmentation.
-    The held-out set shrinks (with a note) when the training set is too small for both.
+    calib: S, for the scores. holdout: the guarantee report's points, disjoint from S.
+    postprocess: BN recalibration and reconstruction (may overlap S, never the holdout).
+    """
+
+    calib: DataLoader
+    holdout: DataLoader | None
+    postprocess: DataLoader
+    calib_size: int
+    holdout_size: int
+    postprocess_size: int
+
+
+def held_out_count(cfg: RunConfig, n_train: int) -> int:
+    """How many training images prune.calib_split holds out (0: none)."""
+    split = cfg.prune.calib_split
+    return int(round(split * n_train)) if split < 1 else min(int(split), n_train)
+
+
+def split_training(cfg: RunConfig, train: Dataset) -> tuple[Dataset, Dataset | None]:
+    """(images to train on, images held out for pruning), a fixed random split by cfg.seed."""
+    n = len(train)  # type: ignore[arg-type]
+    k = held_out_count(cfg, n)
+    if k == 0:
+        return train, None
+    if k >= n:
+        raise ConfigError(f"prune.calib_split: {cfg.prune.calib_split} holds out all {n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
+    return Subset(train, sorted(perm[k:])), Subset(train, sorted(perm[:k]))
+
+
+def calib_count(cfg: RunConfig, model: nn.Module, example_input: torch.Tensor) -> int:
+    """|S|: prune.calib_size, or the spec's formula for this architecture."""
+    return cfg.prune.calib_size or calibration_size(model, example_input, cfg.prune.delta)
+
+
+def check_calib_split(cfg: RunConfig, n_calib: int, n_train: int) -> None:
+    """One clear error, before any training, when the held-out split cannot hold S."""
+    k = held_out_count(cfg, n_train)
+    where = (f"prune.calib_split: {cfg.prune.calib_split} of the {n_train} training images holds out {k}"
+             if k else f"the training set holds {n_train} images")
+    if (k or n_train) < n_calib:
+        raise ConfigError(
+            f"{where}, fewer than the |S| = {n_calib} calibration points; raise prune.calib_split or lower "
+            "prune.calib_size"
+        )
+
+
+def calibration_loaders(cfg: RunConfig, data: DataBundle, model: nn.Module, example_input: torch.Tensor,
+                        console: Console | None = None, pool: Dataset | None = None) -> Calibration:
+    """S, the guarantee's held-out points and the post-processing images, without augmentation.
+
+    They come from `pool` (the images prune.calib_split held out from training), else from the
+    training set. The guarantee's points shrink (with a note) when the pool is too small.
     """
     console = console or Console()
-    n_calib = cfg.prune.calib_size or calibration_size(model, example_input, cfg.prune.delta)
-    train_view = eval_view(data.train, data.test)
-    n = len(train_view)
+    n_calib = calib_count(cfg, model, example_input)
+    source = pool if pool is not None else data.train
+    view = eval_view(source, data.test)
+    n = len(view)
     if n_calib > n:
         raise ConfigError(
-            f"prune.calib_size: {n_calib} calibration points asked for but the training set holds {n}; "
-            "lower prune.calib_size or data.limit_train"
+            f"prune.calib_size: {n_calib} calibration points asked for but only {n} images are held out; "
+            "lower prune.calib_size or raise prune.calib_split"
         )
     n_hold = min(cfg.prune.holdout_size, n - n_calib)
     if n_hold < cfg.prune.holdout_size:
         _say(console, f"      note: only {n_hold} held-out points fit next to |S|={n_calib}", style="yellow")
-    calib, hold = split_calibration(train_view, n_calib, n_hold, cfg.seed)
+    calib, hold = split_calibration(view, n_calib, n_hold, cfg.seed)
+    # post-processing: S and every other held-out image, except the guarantee's points
+    hold_idx = set(hold.indices)
+    rest = [i for i in range(n) if i not in hold_idx]
+    pp_idx = calib.indices + [i for i in rest if i not in set(calib.indices)]
+    post = Subset(view, pp_idx[: max(n_calib, cfg.prune.postprocess_points)])
     bs = cfg.data.eval_batch_size
-    calib_loader = make_loader(calib, bs, shuffle=False, workers=cfg.data.workers, seed=cfg.seed)
-    hold_loader = make_loader(hold, bs, shuffle=False, workers=cfg.data.workers, seed=cfg.seed) if n_hold else None
-    return calib_loader, hold_loader, n_calib, n_hold
+    mk = lambda ds: make_loader(ds, bs, shuffle=False, workers=cfg.data.workers, seed=cfg.seed)  # noqa: E731
+    return Calibration(mk(calib), mk(hold) if n_hold else None, mk(post), n_calib, n_hold, len(post))
 
 
 # --------------------------------------------------------------------------- the trained base model
@@ -232,8 +288,10 @@ class Setup:
     run_dir: Path
     calib_loader: DataLoader | None = None
     holdout_loader: DataLoader | None = None
+    postprocess_loader: DataLoader | None = None
     calib_size: int | None = None
     holdout_size: int | None = None
+    held_out: Dataset | None = None  # the training images prune.calib_split kept out of training
     _base_state: dict | None = field(default=None, repr=False)
 
     def base_state(self) -> dict:
@@ -380,8 +438,9 @@ def prepare(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_data(cfg, console)
+    train_set, held_out = split_training(cfg, data.train)
     train_loader = make_loader(
-        data.train, cfg.data.batch_size, shuffle=True, workers=cfg.data.workers, seed=cfg.seed,
+        train_set, cfg.data.batch_size, shuffle=True, workers=cfg.data.workers, seed=cfg.seed,
         distributed=distributed, drop_last=distributed,
     )  # fmt: skip
     test_loader = make_loader(
@@ -399,7 +458,9 @@ def prepare(
         trained_now, base_path = False, Path(cfg.model.pretrained_checkpoint)
         _say(console, f"[bold]base[/]  loaded {base_path} ({spec.get('name', '?')})")
     else:
-        build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)  # name errors first
+        arch = build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)  # name errors first
+        if calibration:
+            check_calib_split(cfg, calib_count(cfg, arch, example_input), len(data.train))
         spec = {
             "name": cfg.model.name, "num_classes": data.num_classes,
             "in_channels": data.in_channels, "input_size": data.input_size,
@@ -419,13 +480,15 @@ def prepare(
     setup = Setup(
         cfg=cfg, device=device, data=data, train_loader=train_loader, test_loader=test_loader, model=model,
         spec=spec, example_input=example_input, base_key=key, acc=metrics["acc"], loss=metrics["loss"],
-        params=params, flops=flops, trained_now=trained_now, base_path=base_path, run_dir=out,
+        params=params, flops=flops, trained_now=trained_now, base_path=base_path, run_dir=out, held_out=held_out,
     )  # fmt: skip
     if calibration:
-        calib, hold, n_calib, n_hold = calibration_loaders(cfg, data, model, example_input, console)
-        setup.calib_loader, setup.holdout_loader = calib, hold
-        setup.calib_size, setup.holdout_size = n_calib, n_hold
-        _say(console, f"[bold]calibration[/]  |S| = {n_calib} training images, {n_hold} held out for coverage")
+        cal = calibration_loaders(cfg, data, model, example_input, console, pool=held_out)
+        setup.calib_loader, setup.holdout_loader, setup.postprocess_loader = cal.calib, cal.holdout, cal.postprocess
+        setup.calib_size, setup.holdout_size = cal.calib_size, cal.holdout_size
+        src = f"{len(held_out)} training images held out from training" if held_out is not None else "the training images"
+        _say(console, f"[bold]calibration[/]  from {src}: |S| = {cal.calib_size}, {cal.holdout_size} more for the "
+                      f"guarantee report, {cal.postprocess_size} for BN recalibration and reconstruction")
     return setup
 
 
@@ -485,7 +548,8 @@ def prune_and_retrain(
     start = time.perf_counter()
     pruned, report, soft = prune(
         model, setup.calib_loader, prune_cfg, keep_ratio, example_input=setup.example_input,
-        reference=(setup.params, setup.flops), holdout_loader=setup.holdout_loader, device=device, seed=seed,
+        reference=(setup.params, setup.flops), holdout_loader=setup.holdout_loader,
+        postprocess_loader=setup.postprocess_loader, device=device, seed=seed,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - start
     pruned.to(device)

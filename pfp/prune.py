@@ -1,8 +1,11 @@
-"""One pruning step: score, allocate, select, remove; plus the guarantee report.
+"""One pruning step: score, allocate, select, remove, post-process; plus the guarantee report.
 
-    model --PruningGraph--> groups --importance--> scores --allocation--> k_g
+    model --PruningGraph--> groups --method's scorer--> scores --allocator--> k_g
           --selection--> kept channels --Torch-Pruning--> smaller dense model
+          --BN recalibration / reconstruction--> the one-shot model
 
+The method (`pfp.methods`) names its scorer, its allocator (`pfp.budgets`) and its
+post-processing defaults; this module runs them and has no per-method branches.
 `prune` never modifies the model it is given; it returns a physically smaller copy.
 """
 from __future__ import annotations
@@ -10,33 +13,26 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import allocation as alloc
+from . import guarantee
+from .budgets import BudgetError, BudgetRequest, allocate, top_up
 from .config import PruneConfig
-from .groups import ChannelGroup, PruningGraph
+from .groups import ChannelGroup, PruningGraph, kept_indices
 from .hooks import eval_mode
-from .importance import (
-    fpgm_scores,
-    hrank_scores,
-    norm_scores,
-    pfp_sensitivity,
-    random_scores,
-    tp_scores,
-)
+from .importance import norm_scores
+from .methods import ScoreRequest, get_method
+from .postprocess import postprocess
 from .resources import ResourceModel, count_flops, count_params
 
 log = logging.getLogger(__name__)
-
-UNIFORM = {"ft", "sfp", "fpgm", "hrank", "random"}
-GLOBAL = {"tp_magnitude", "tp_taylor"}
-
 
 class PruneError(ValueError):
     """A pruning request that cannot be met (names the limit)."""
@@ -58,6 +54,9 @@ class PruneReport:
     seconds: float = 0.0
     scoring_seconds: float = 0.0
     calib_points: int = 0
+    allocation: str | None = None
+    guarantee: list[dict] = field(default_factory=list)  # per consumer: measured error next to eps_l
+    postprocess: dict | None = None
 
     @property
     def achieved(self) -> float:
@@ -72,26 +71,43 @@ class PruneReport:
         return d
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """Written whole or not at all (a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
 
     def print_table(self, console=None) -> None:
         from rich.console import Console
         from rich.table import Table
 
         console = console or Console()
-        eps = f"{self.eps:.4g}" if self.eps is not None else "-"
-        t = Table(title=f"{self.method}: per-layer budget (eps={eps}, delta={self.delta if self.delta else '-'})")
-        for col in ("layer", "kept/total", "m", "S_g", "coverage"):
+        t = Table(title=f"{self.method}: per-layer budget ({self.allocation or '-'} allocation)")
+        for col in ("layer", "kept/total", "eps_l", "m", "S_g"):
             t.add_column(col, justify="right" if col != "layer" else "left")
         for row in self.layers:
             t.add_row(
                 row["name"],
                 f"{row['kept']}/{row['size']}",
+                "-" if row.get("eps") is None else f"{row['eps']:.3g}",
                 "-" if row.get("m") is None else f"{row['m']:.3g}",
                 "-" if row.get("S") is None else f"{row['S']:.3g}",
-                "-" if row.get("coverage") is None else f"{100 * row['coverage']:.1f}%",
             )
         console.print(t)
+        if self.guarantee:
+            g = Table(title=f"measured on held-out points: relative pre-activation error per consumer "
+                            f"(delta={self.delta if self.delta else '-'})")
+            for col in ("consumer", "p50", "p95", "max", "eps for 95%", "eps for 99%", "eps_l", "inside eps_l"):
+                g.add_column(col, justify="right" if col != "consumer" else "left")
+            for r in self.guarantee:
+                g.add_row(r["name"], f"{r['rel_p50']:.3g}", f"{r['rel_p95']:.3g}", f"{r['rel_max']:.3g}",
+                          f"{r['eps95']:.3g}", f"{r['eps99']:.3g}", "-" if r["eps"] is None else f"{r['eps']:.3g}",
+                          "-" if r["inside_eps"] is None else f"{100 * r['inside_eps']:.1f}%")
+            console.print(g)
+        if self.postprocess and self.postprocess.get("order"):
+            pp = self.postprocess
+            errs = ", ".join(f"{k} {v:.3g}" for k, v in pp.get("output_error", {}).items())
+            console.print(f"post-processing: {pp['order']}" + (f" (relative output error: {errs})" if errs else ""))
         console.print(
             f"params {self.params:,} ({100 * (1 - self.params / self.original_params):.1f}% removed), "
             f"FLOPs {self.flops:,} ({100 * (1 - self.flops / self.original_flops):.1f}% removed), "
@@ -157,60 +173,6 @@ def _reweight(g: ChannelGroup, kept: torch.Tensor, scale: torch.Tensor) -> None:
             w[:, c.in_idxs] *= factor.view(shape)
 
 
-# ----------------------------------------------------------------------------- coverage
-def _coverage(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, torch.Tensor],
-              scale: dict[int, torch.Tensor], eps: dict[int, float], loader, device) -> dict[int, float]:
-    """Share of held-out (point, unit, position) pre-activations within (1 +/- eps), per group.
-
-    Layer by layer, as the guarantee is stated: each consumer gets the unpruned network's
-    input, once with every channel and once with only the kept (reweighted) ones.
-    """
-    masks: dict[str, torch.Tensor] = {}
-    consumers: dict[str, nn.Module] = {}
-    tol: dict[str, float] = {}
-    for g in groups:
-        if g.gid not in keep:
-            continue
-        per_channel = torch.zeros(g.size)
-        per_channel[keep[g.gid]] = scale[g.gid].float() if g.gid in scale else 1.0
-        for c in g.consumers:
-            dim = c.module.in_channels if isinstance(c.module, nn.Conv2d) else c.module.in_features
-            m = masks.setdefault(c.name, torch.ones(dim))
-            m[c.in_idxs] = per_channel[c.root_idxs]
-            consumers[c.name] = c.module
-            # a consumer reading several groups is held to the tightest of their tolerances
-            tol[c.name] = min(tol.get(c.name, float("inf")), eps[g.gid])
-    hits: dict[str, list[float]] = {n: [0.0, 0.0] for n in consumers}
-
-    def hook(name):
-        def fn(mod, inputs):
-            a = inputs[0].detach()
-            mk = masks[name].to(a.device, a.dtype)
-            if isinstance(mod, nn.Conv2d):
-                kw = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
-                z = F.conv2d(a, mod.weight, **kw)
-                zh = F.conv2d(a * mk.view(1, -1, 1, 1), mod.weight, **kw)
-            else:
-                z = F.linear(a, mod.weight)
-                zh = F.linear(a * mk, mod.weight)
-            ok = (zh - z).abs() <= tol[name] * z.abs() + 1e-12
-            hits[name][0] += float(ok.sum())
-            hits[name][1] += ok.numel()
-
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in consumers.items()]
-    with eval_mode(model, handles), torch.no_grad():
-        for batch in loader:
-            model(batch[0].to(device))
-    out = {}
-    for g in groups:
-        vals = [hits[c.name][0] / hits[c.name][1] for c in g.consumers if c.name in hits and hits[c.name][1]]
-        if vals:
-            out[g.gid] = min(vals)
-    return out
-
-
 # ----------------------------------------------------------------------------- soft pruning (SFP)
 class SoftPruner:
     """Soft Filter Pruning: zero the weakest filters (L2) every epoch, remove them at the end."""
@@ -258,19 +220,9 @@ class SoftPruner:
 
 
 # ----------------------------------------------------------------------------- the step
-def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *, example_input: torch.Tensor,
-          reference: tuple[int, int] | None = None, holdout_loader=None, device="cpu",
-          seed: int = 0) -> tuple[nn.Module, PruneReport, SoftPruner | None]:
-    """Prune a copy of `model` to keep_ratio of the reference resource (cfg.target).
-
-    reference: (params, flops) of the unpruned network, so cascades stay relative to it;
-    None means this model. For SFP the copy comes back with filters zeroed and a SoftPruner.
-    """
-    start = time.perf_counter()
-    model = copy.deepcopy(model).to(device).eval()
-    example_input = example_input[:1].to(device)
+def _graph(model: nn.Module, example_input: torch.Tensor, ignore: list[str]) -> PruningGraph:
     try:
-        graph = PruningGraph(model, example_input, cfg.ignore_layers)
+        return PruningGraph(model, example_input, ignore)
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - Torch-Pruning's tracer fails in many ways on unusual graphs
@@ -278,31 +230,49 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
             f"Torch-Pruning cannot build the dependency graph of this model "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it cannot be pruned"
         ) from e
+
+
+def _select(groups: list[ChannelGroup], counts: list[int], scores: dict[int, torch.Tensor], randomized: bool,
+            seed: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Kept channels per group (top-k, or the randomized draw) and the reweighting scales."""
+    gen = torch.Generator().manual_seed(seed)
+    keep: dict[int, torch.Tensor] = {}
+    weight_scale: dict[int, torch.Tensor] = {}
+    for g, k in zip(groups, counts):
+        s = scores[g.gid].double()
+        if randomized and k < g.size and s.sum() > 0:
+            keep[g.gid], weight_scale[g.gid] = _randomized(s, k, gen)
+        else:
+            keep[g.gid] = torch.topk(s, k).indices.sort().values
+    return keep, weight_scale
+
+
+def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *, example_input: torch.Tensor,
+          reference: tuple[int, int] | None = None, holdout_loader=None, postprocess_loader=None, device="cpu",
+          seed: int = 0) -> tuple[nn.Module, PruneReport, SoftPruner | None]:
+    """Prune a copy of `model` to keep_ratio of the reference resource (cfg.target); the one-shot result.
+
+    calib_loader holds S (scores); postprocess_loader the held-out training images for BN
+    recalibration and reconstruction (calib_loader when None); holdout_loader the points of
+    the guarantee report (distinct from S). reference: (params, flops) of the unpruned
+    network, so cascades stay relative to it; None means this model. For SFP the copy comes
+    back with filters zeroed and a SoftPruner.
+    """
+    start = time.perf_counter()
+    method = get_method(cfg.method)
+    model = copy.deepcopy(model).to(device).eval()
+    original = copy.deepcopy(model)  # the unpruned network, on `device`: reconstruction's target
+    example_input = example_input[:1].to(device)
+    graph = _graph(model, example_input, cfg.ignore_layers)
     rm = ResourceModel(model, example_input, graph.groups)
     ref_params, ref_flops = reference or (rm.total_params, rm.total_flops)
     target_value = keep_ratio * (ref_flops if cfg.target == "flops" else ref_params)
     pick = 1 if cfg.target == "flops" else 0
 
-    skipped = list(graph.skipped)
-    groups = graph.groups
-    stats: list[alloc.GroupStats] = []
-    sens = None
-    if cfg.method == "pfp":
-        sens = pfp_sensitivity(model, groups, calib_loader, device, cfg.sensitivity)
-        skipped += sens.unscored
-        groups = [g for g in groups if g.gid in sens.scores]
-        scores = {g.gid: sens.scores[g.gid] for g in groups}
-        stats = [alloc.GroupStats(g.size, scores[g.gid], sens.kernel[g.gid], sens.positions[g.gid]) for g in groups]
-    elif cfg.method in ("ft", "sfp"):
-        scores = norm_scores(groups, 1 if cfg.method == "ft" else 2)
-    elif cfg.method == "fpgm":
-        scores = fpgm_scores(groups)
-    elif cfg.method == "hrank":
-        scores = hrank_scores(model, groups, calib_loader, device)
-    elif cfg.method == "random":
-        scores = random_scores(groups, seed)
-    else:
-        scores = tp_scores(model, groups, cfg.method, calib_loader, device)
+    scored = method.score(ScoreRequest(model, graph.groups, calib_loader, device, cfg, seed))
+    skipped = list(graph.skipped) + scored.unscored
+    groups = [g for g in graph.groups if g.gid in scored.scores]
+    scores = scored.scores
     scoring_seconds = time.perf_counter() - start
 
     # groups outside `groups` (skipped) keep every channel
@@ -323,71 +293,54 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
             f"{floor:,.0f} ({floor / (ref_flops if pick else ref_params):.2%} of the reference) with protected "
             f"layers, min_channels={mn} and round_to={mult}"
         )
-    current = resource(sizes)
-    eps = None
-    scales = [1.0] * len(groups)
-    if current <= target_value:  # already small enough: nothing to remove
-        counts = sizes
-    elif cfg.method == "pfp":
-        full = resource(sizes)
-        costs = [full - resource([n - 1 if h is g else n for h, n in zip(groups, sizes)]) for g in groups]
-        scales = alloc.cost_scales(costs, cfg.cost_exponent)
-        sol = alloc.solve(lambda e: alloc.pfp_counts(stats, e, cfg.delta, mult, mn, scales), resource, target_value,
-                          1e-8, 1e12, log_scale=True, decreasing=True, iters=80)
-        counts, eps = sol.counts, sol.knob
-    elif cfg.method in UNIFORM:
-        sol = alloc.solve(lambda r: alloc.uniform_counts(sizes, r, mult, mn), resource, target_value,
-                          0.0, 1.0, log_scale=False, decreasing=False)
-        counts = sol.counts
-    else:
-        ordered = [scores[g.gid].double() for g in groups]
-        flat = torch.cat(ordered)
-        sol = alloc.solve(lambda t: alloc.global_counts(ordered, t, mult, mn), resource, target_value,
-                          float(flat.min()) - 1e-9, float(flat.max()) + 1e-9, log_scale=False, decreasing=True)
-        counts = sol.counts
+    allocation = cfg.allocation or method.allocation
+    req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
+                        [scored.stats[g.gid] for g in groups] if scored.stats is not None else None,
+                        resource, target_value, mult, mn, cfg.delta)
+    try:
+        budget = allocate(allocation, req)
+    except BudgetError as e:
+        raise PruneError(str(e)) from None
+    if method.top_up and resource(budget.counts) < target_value:
+        budget = top_up(req, budget)
+    counts = budget.counts
 
-    if current > target_value:
-        counts = alloc.top_up(counts, sizes, [scores[g.gid] for g in groups], resource, target_value, mult)
-
-    gen = torch.Generator().manual_seed(seed)
-    keep: dict[int, torch.Tensor] = {}
-    weight_scale: dict[int, torch.Tensor] = {}
+    randomized = cfg.selection == "randomized" and method.randomized_ok
+    keep, weight_scale = _select(groups, counts, scores, randomized, seed)
+    eps_of = {g.gid: e for g, e in zip(groups, budget.eps)} if budget.eps is not None else {}
+    bounded = scored.stats is not None
     layers = []
-    eps_of = {g.gid: eps * sc for g, sc in zip(groups, scales)} if eps is not None else {}
-    for g, k in zip(groups, counts):
-        s = scores[g.gid].double()
-        if cfg.method == "pfp" and cfg.selection == "randomized" and k < g.size and s.sum() > 0:
-            kept, scl = _randomized(s, k, gen)
-            keep[g.gid], weight_scale[g.gid] = kept, scl
-        else:
-            keep[g.gid] = torch.topk(s, k).indices.sort().values
+    for g in groups:
         row = {"name": g.name, "size": g.size, "kept": int(len(keep[g.gid])), "eps": eps_of.get(g.gid),
-               "delta": cfg.delta if cfg.method == "pfp" else None, "m": None, "S": None, "coverage": None}
-        if cfg.method == "pfp":
-            st = stats[groups.index(g)]
+               "delta": cfg.delta if bounded else None, "m": None, "S": None, "coverage": None}
+        if bounded:
+            st = scored.stats[g.gid]
             row["S"] = st.mass
-            row["m"] = int(alloc.sample_size(st, eps_of[g.gid], cfg.delta)) if eps else None
+            e = eps_of.get(g.gid)
+            row["m"] = int(alloc.sample_size(st, e, cfg.delta)) if e else None
         layers.append(row)
 
-    if cfg.method == "pfp" and eps is not None and holdout_loader is not None:
-        cov = _coverage(model, groups, keep, weight_scale, eps_of, holdout_loader, device)
-        for g, row in zip(groups, layers):
-            row["coverage"] = cov.get(g.gid)
-
+    global_eps = budget.knob if allocation == "single_eps" else None
     report = PruneReport(
         method=cfg.method, target=cfg.target, target_value=target_value, original_params=ref_params,
-        original_flops=ref_flops, params=0, flops=0, eps=eps, delta=cfg.delta if cfg.method == "pfp" else None,
-        layers=layers, skipped=skipped, scoring_seconds=scoring_seconds,
-        calib_points=sens.points if sens else 0,
+        original_flops=ref_flops, params=0, flops=0, eps=global_eps, delta=cfg.delta if bounded else None,
+        layers=layers, skipped=skipped, scoring_seconds=scoring_seconds, calib_points=scored.points,
+        allocation=allocation,
     )
-    if cfg.method == "sfp":
+    if method.soft:
         soft = SoftPruner(graph, {g.gid: k for g, k in zip(groups, counts)}, report, example_input)
         planned = dict(all_kept)
         planned.update({g.gid: k for g, k in zip(groups, counts)})
         # predicted until finalize() removes the zeroed filters and measures
         report.params, report.flops = (int(v) for v in rm.predict([planned[gid] for gid in order]))
+        if cfg.bn_recalibration:  # the zeroed channels are exact zeros, as after removal
+            pp_loader = postprocess_loader or calib_loader
+            _, pp = postprocess(original, model, [], pp_loader, holdout_loader, device, reconstruct_on=False,
+                                bn_on=True, ridge=cfg.ridge, points=cfg.postprocess_points)
+            report.postprocess = asdict(pp)
         report.seconds = time.perf_counter() - start
         return model, report, soft
+    kept_in, kept_out = kept_indices(groups, keep)
     for gid, scl in weight_scale.items():
         _reweight(next(g for g in groups if g.gid == gid), keep[gid], scl)
     graph.prune(keep)
@@ -397,6 +350,28 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     except Exception as e:  # noqa: BLE001 - e.g. a reshape with a hard-coded width (ViT's hidden_dim)
         raise PruneError(f"the pruned model no longer runs ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          f"add the layer that hard-codes its width to prune.ignore_layers") from e
+
+    reconstruct_on = method.reconstruct if cfg.reconstruct is None else cfg.reconstruct
+    model, pp = postprocess(original, model, list(kept_in), postprocess_loader or calib_loader, holdout_loader,
+                            device, reconstruct_on=reconstruct_on, bn_on=cfg.bn_recalibration, ridge=cfg.ridge,
+                            points=cfg.postprocess_points)
+    report.postprocess = asdict(pp)
+    if holdout_loader is not None and kept_in:
+        eps_layer: dict[str, float] = {}
+        for g in groups:
+            for c in g.consumers:
+                if g.gid in eps_of:  # a consumer reading several groups is held to the tightest tolerance
+                    eps_layer[c.name] = min(eps_layer.get(c.name, float("inf")), eps_of[g.gid])
+        measured = guarantee.measure(original, model, kept_in, kept_out, holdout_loader, device, eps_layer,
+                                     cfg.delta if bounded else None)
+        report.guarantee = [m.to_dict() for m in measured]
+        by_name = {m.name: m for m in measured}
+        for g, row in zip(groups, layers):
+            inside = [by_name[c.name].inside_eps for c in g.consumers
+                      if c.name in by_name and by_name[c.name].inside_eps is not None]
+            row["coverage"] = min(inside) if inside else None
+            e95 = [by_name[c.name].eps95 for c in g.consumers if c.name in by_name]
+            row["eps95"] = max(e95) if e95 else None
     report.params = count_params(model)
     report.flops = count_flops(model, example_input)
     report.seconds = time.perf_counter() - start

@@ -1,0 +1,116 @@
+"""Channel budgets: a small registry of allocators, each turning scores into kept counts.
+
+An allocator gets the groups' scores (and PFP's bound statistics where the method has them),
+the exact resource model as a function of the kept counts, and the target; it returns a
+count per group and, where it has one, the per-group tolerance eps_g. A new allocator is one
+`register_allocator` call; `pfp.methods` names each method's default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import allocation as alloc
+
+
+class BudgetError(ValueError):
+    """An allocator that cannot serve the method it was asked for."""
+
+
+@dataclass
+class BudgetRequest:
+    sizes: list[int]
+    scores: list[torch.Tensor]
+    stats: list[alloc.GroupStats] | None  # PFP's bound statistics; None for the baselines
+    resource_of: Callable[[list[int]], float]
+    target: float
+    multiple: int
+    minimum: int
+    delta: float
+
+
+@dataclass
+class Budget:
+    counts: list[int]
+    eps: list[float] | None = None  # per group, where the allocator works with the bound
+    knob: float | None = None  # the solved scalar: the global eps, a ratio, a threshold or a multiplier
+    notes: list[str] = field(default_factory=list)
+
+
+Allocator = Callable[[BudgetRequest], Budget]
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocator(name: str) -> Callable[[Allocator], Allocator]:
+    def deco(fn: Allocator) -> Allocator:
+        ALLOCATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def allocate(name: str, req: BudgetRequest) -> Budget:
+    """Run allocator `name`; a resource already at or under the target keeps every channel."""
+    if name not in ALLOCATORS:
+        raise BudgetError(f"prune.allocation: unknown allocator {name!r}; known: {', '.join(ALLOCATORS)}")
+    if req.resource_of(req.sizes) <= req.target:
+        return Budget(list(req.sizes))
+    return ALLOCATORS[name](req)
+
+
+def _need_stats(req: BudgetRequest, name: str) -> list[alloc.GroupStats]:
+    if req.stats is None:
+        raise BudgetError(f"prune.allocation: {name} needs PFP's sensitivities; use it with method pfp or pfp_reference")
+    return req.stats
+
+
+@register_allocator("single_eps")
+def single_eps(req: BudgetRequest) -> Budget:
+    """The paper's rule: one global eps through the sample-size bound, bisected to the target."""
+    stats = _need_stats(req, "single_eps")
+    sol = alloc.solve(lambda e: alloc.pfp_counts(stats, e, req.delta, req.multiple, req.minimum), req.resource_of,
+                      req.target, 1e-8, 1e12, log_scale=True, decreasing=True, iters=80)
+    return Budget(sol.counts, [sol.knob] * len(stats), sol.knob)
+
+
+@register_allocator("mass_bound")
+def mass_bound(req: BudgetRequest) -> Budget:
+    """Per-layer eps_g = sensitivity mass dropped, minimising sum log(1 + eps_g) at the target."""
+    stats = _need_stats(req, "mass_bound")
+    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass")
+    return Budget(sol.counts, sol.eps, sol.multiplier)
+
+
+@register_allocator("sample_bound")
+def sample_bound(req: BudgetRequest) -> Budget:
+    """Per-layer eps_g from the sample-size bound, minimising sum log(1 + eps_g) at the target."""
+    stats = _need_stats(req, "sample_bound")
+    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="sample")
+    return Budget(sol.counts, sol.eps, sol.multiplier)
+
+
+@register_allocator("uniform")
+def uniform(req: BudgetRequest) -> Budget:
+    """The same keep ratio in every group (FT, SFP, FPGM, HRank, random)."""
+    sol = alloc.solve(lambda r: alloc.uniform_counts(req.sizes, r, req.multiple, req.minimum), req.resource_of,
+                      req.target, 0.0, 1.0, log_scale=False, decreasing=False)
+    return Budget(sol.counts, knob=sol.knob)
+
+
+@register_allocator("global")
+def global_threshold(req: BudgetRequest) -> Budget:
+    """One threshold on scores normalised within each group (Torch-Pruning's global pruning)."""
+    ordered = [s.double() for s in req.scores]
+    flat = torch.cat(ordered)
+    sol = alloc.solve(lambda t: alloc.global_counts(ordered, t, req.multiple, req.minimum), req.resource_of,
+                      req.target, float(flat.min()) - 1e-9, float(flat.max()) + 1e-9, log_scale=False,
+                      decreasing=True)
+    return Budget(sol.counts, knob=sol.knob)
+
+
+def top_up(req: BudgetRequest, budget: Budget) -> Budget:
+    """Spend what an allocator left below the target on the best-scoring next channels."""
+    budget.counts = alloc.top_up(budget.counts, req.sizes, req.scores, req.resource_of, req.target, req.multiple)
+    return budget

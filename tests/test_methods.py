@@ -1,0 +1,119 @@
+"""Methods as a registry, PFP's cost-aware per-layer budgets and untied group scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from pfp import allocation as alloc
+from pfp.config import ConfigError, DataConfig, PruneConfig, config_from_dict
+from pfp.data import build_data, make_loader
+from pfp.groups import PruningGraph
+from pfp.importance import norm_scores, pfp_sensitivity
+from pfp.methods import METHODS, Method, register_method
+from pfp.models import build_model
+from pfp.prune import PruneError, prune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+X1 = torch.zeros(1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    data = build_data(DataConfig(name="synthetic", synthetic_channels=1, synthetic_size=28, synthetic_train=64,
+                                 synthetic_test=16))
+    return make_loader(Subset(data.train, range(16)), 8, False)
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_every_config_method_is_registered_and_unknown_names_list_them():
+    assert {"pfp", "pfp_reference", "ft", "sfp", "fpgm", "hrank", "random", "tp_magnitude", "tp_taylor"} <= set(METHODS)
+    with pytest.raises(ConfigError, match=r"prune.method.*unknown method 'pfpp'.*pfp_reference"):
+        config_from_dict({"prune": {"method": "pfpp"}})
+
+
+def test_a_new_method_is_one_registration(calib):
+    register_method(Method("l1_global_test", lambda r: __import__("pfp.methods").methods.Scores(norm_scores(r.groups, 1)),
+                           "global"))
+    try:
+        model = build_model("lenet5", 10, 1, 28)
+        small, rep, _ = prune(model, calib, PruneConfig(method="l1_global_test", round_to=1), 0.5, example_input=X1)
+        assert rep.method == "l1_global_test" and rep.allocation == "global"
+        assert rep.flops <= 0.5 * rep.original_flops
+    finally:
+        del METHODS["l1_global_test"]
+
+
+def test_bound_allocation_needs_pfp_scores(calib):
+    with pytest.raises(PruneError, match="prune.allocation: mass_bound needs PFP's sensitivities"):
+        prune(build_model("lenet5", 10, 1, 28), calib, PruneConfig(method="ft", allocation="mass_bound"), 0.5,
+              example_input=X1)
+
+
+# ----------------------------------------------------------------------------- per-layer eps
+def test_eps_for_counts_inverts_the_bound():
+    torch.manual_seed(0)
+    for n, kernel, positions in ((16, 9, 100), (40, 1, 1)):
+        st = alloc.GroupStats(n, torch.rand(n) ** 2, kernel, positions)
+        ks = list(range(2, n + 1))
+        eps = alloc.eps_for_counts(st, ks, 1e-12)
+        assert float(eps[-1]) == 0.0  # keeping every channel: no error
+        assert all(a >= b for a, b in zip(eps.tolist(), eps.tolist()[1:]))  # fewer channels, larger eps
+        for k, e in zip(ks[:-1], eps.tolist()[:-1]):
+            assert alloc.pfp_counts([st], e, 1e-12)[0] == k
+            assert alloc.pfp_counts([st], e * 0.99, 1e-12)[0] > k  # and it is the smallest such eps
+
+
+def test_bound_counts_meets_the_target_and_cuts_expensive_channels_first():
+    torch.manual_seed(1)
+    s = torch.rand(32)
+    stats = [alloc.GroupStats(32, s.clone(), 9, 100), alloc.GroupStats(32, s.clone(), 9, 100)]
+    cost = [4.0, 1.0]  # a channel of group 0 costs four of group 1's
+
+    def resource(counts):
+        return sum(c * k for c, k in zip(cost, counts))
+
+    target = 0.5 * resource([32, 32])
+    sol = alloc.bound_counts(stats, 1e-12, resource, target)
+    assert resource(sol.counts) <= target
+    assert resource(sol.counts) >= target - max(cost)  # the remainder was spent
+    assert sol.counts[0] < sol.counts[1]
+    assert sol.eps == [float(alloc.eps_for_counts(st, [k], 1e-12)[0]) for st, k in zip(stats, sol.counts)]
+    # the paper's single eps ignores cost: the same count for both
+    single = alloc.solve(lambda e: alloc.pfp_counts(stats, e, 1e-12), resource, target, 1e-8, 1e12,
+                         log_scale=True, decreasing=True, iters=80)
+    assert single.counts[0] == single.counts[1]
+    # and the per-layer choice has the smaller composed bound at the same resource
+    composed = lambda counts: sum(float(torch.log1p(alloc.eps_for_counts(st, [k], 1e-12)[0]))  # noqa: E731
+                                  for st, k in zip(stats, counts))
+    assert composed(sol.counts) <= composed(single.counts)
+
+
+def test_bound_counts_respect_rounding_and_minimum():
+    stats = [alloc.GroupStats(64, torch.rand(64), 9, 64), alloc.GroupStats(6, torch.rand(6), 25, 100)]
+    sol = alloc.bound_counts(stats, 1e-12, lambda c: float(c[0] * 2 + c[1] * 5), 0.4 * (128 + 30), multiple=8,
+                             minimum=2)
+    assert sol.counts[0] % 8 == 0 and sol.counts[1] >= 2
+
+
+# ----------------------------------------------------------------------------- group scores
+def test_weighted_group_scores_do_not_saturate_where_the_max_does():
+    data = build_data(DataConfig(name="synthetic", synthetic_channels=1, synthetic_size=28, synthetic_train=64,
+                                 synthetic_test=16))
+    loader = make_loader(Subset(data.train, range(32)), 16, False)
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1, 28).eval()
+    graph = PruningGraph(model, X1)
+    stem = next(g for g in graph.groups if g.name == "conv1")
+    assert len(stem.consumers) >= 3  # the stem's channels feed every block of stage 1
+    top = pfp_sensitivity(model, graph.groups, loader, "cpu", "max_offset", "max").scores[stem.gid]
+    weighted = pfp_sensitivity(model, graph.groups, loader, "cpu", "max_offset", "weighted").scores[stem.gid]
+    assert len(set(top.tolist())) < stem.size // 2  # most channels tie (at 1.0: a saturated consumer)
+    assert len(set(weighted.tolist())) == stem.size  # every channel ranked
+
+
+def test_pfp_default_is_the_improved_method():
+    cfg = PruneConfig()
+    assert cfg.method == "pfp" and METHODS["pfp"].allocation == "mass_bound" and METHODS["pfp"].reconstruct
+    assert METHODS["pfp_reference"].allocation == "single_eps" and not METHODS["pfp_reference"].top_up
+    assert cfg.bn_recalibration and cfg.calib_split > 0
