@@ -249,7 +249,8 @@ def bound_counts(stats: list[GroupStats], delta: float, resource_of: Callable[[l
     """Per-layer tolerances minimising sum_g log(1 + eps_g(k_g)) subject to resource(k) <= target.
 
     kind="sample": eps_g(k) from the Bernstein sample-size bound (eps_for_counts);
-    kind="mass": eps_g(k) is the sensitivity mass of the dropped channels (mass_eps).
+    kind="mass": eps_g(k) is the sensitivity mass of the dropped channels (mass_eps);
+    kind="mass_sum": the same eps_g, minimising sum_g eps_g instead of its logarithms.
     The resource is bilinear in the counts (a conv's cost scales with its kept inputs times
     its kept outputs), so each round linearises it at the current counts: c_g is the exact
     cost of one channel of g given the others. For a multiplier lam each group then picks
@@ -257,16 +258,75 @@ def bound_counts(stats: list[GroupStats], delta: float, resource_of: Callable[[l
     meets the target. The remainder is spent greedily by bound gain per unit of exact cost.
     """
     cands = [allowed_counts(g.size, multiple, minimum) for g in stats]
-    if kind == "mass":
-        bound = [torch.log1p(mass_eps(g, c)) for g, c in zip(stats, cands)]
+    if kind in ("mass", "mass_sum"):
+        eps = [mass_eps(g, c) for g, c in zip(stats, cands)]
     else:
-        bound = [torch.log1p(eps_for_counts(g, c, delta)) for g, c in zip(stats, cands)]
-    return lagrangian_counts(cands, bound, resource_of, target, relinearise)
+        eps = [eps_for_counts(g, c, delta) for g, c in zip(stats, cands)]
+    # kind "mass_sum" minimises sum eps_g itself (the first-order size of the composed bound)
+    objective = eps if kind == "mass_sum" else [torch.log1p(e) for e in eps]
+    counts, lam = greedy_counts(cands, objective, resource_of, target)
+    return BoundAllocation(counts, [float(e[c.index(k)]) for e, c, k in zip(eps, cands, counts)], lam)
+
+
+def greedy_counts(cands: list[list[int]], bound: list[torch.Tensor], resource_of: Callable[[list[int]], float],
+                  target: float) -> tuple[list[int], float]:
+    """min sum_g bound[g][k_g] over k_g in cands[g] s.t. resource_of(k) <= target: (counts, last ratio).
+
+    Steepest descent on the exact resource: from every group whole, take the one-step cut
+    with the least objective increase per unit of resource saved, until the target is met;
+    then spend what is left on the steps with the most objective decrease per unit of cost.
+    The resource is bilinear in the counts, so each step's saving is measured where the
+    cut stands, not linearised once. A greedy walk, not a Lagrangian: the per-group curves
+    can be far from convex (the first channel removed can cost more than the next five),
+    and a multiplier then jumps a group from whole to its minimum in one go.
+    """
+    idx = [len(c) - 1 for c in cands]
+    counts = [c[-1] for c in cands]
+    current = resource_of(counts)
+    ratio = 0.0
+    while current > target:
+        best, best_ratio, best_r = None, math.inf, current
+        for i, c in enumerate(cands):
+            if idx[i] == 0:
+                continue
+            trial = list(counts)
+            trial[i] = c[idx[i] - 1]
+            r = resource_of(trial)
+            saved = current - r
+            if saved <= 0:
+                continue
+            rise = float(bound[i][idx[i] - 1] - bound[i][idx[i]])
+            q = max(rise, 0.0) / saved
+            if q < best_ratio:
+                best, best_ratio, best_r = i, q, r
+        if best is None:  # nothing left to cut
+            break
+        idx[best] -= 1
+        counts[best] = cands[best][idx[best]]
+        current, ratio = best_r, best_ratio
+    while True:  # spend the remainder
+        best, best_ratio, best_r = None, -1.0, current
+        for i, c in enumerate(cands):
+            if idx[i] + 1 >= len(c):
+                continue
+            trial = list(counts)
+            trial[i] = c[idx[i] + 1]
+            r = resource_of(trial)
+            if r > target:
+                continue
+            q = float(bound[i][idx[i]] - bound[i][idx[i] + 1]) / max(r - current, 1e-30)
+            if q > best_ratio:
+                best, best_ratio, best_r = i, q, r
+        if best is None:
+            return counts, ratio
+        idx[best] += 1
+        counts[best] = cands[best][idx[best]]
+        current = best_r
 
 
 def lagrangian_counts(cands: list[list[int]], bound: list[torch.Tensor], resource_of: Callable[[list[int]], float],
-                      target: float, relinearise: int = 3) -> BoundAllocation:
-    """min sum_g bound[g][k_g] over k_g in cands[g] subject to resource_of(k) <= target (see bound_counts)."""
+                      target: float, relinearise: int = 3) -> tuple[list[int], float]:
+    """min sum_g bound[g][k_g] over k_g in cands[g] s.t. resource_of(k) <= target: (counts, multiplier)."""
     cand_t = [torch.tensor(c, dtype=torch.float64) for c in cands]
     counts = [c[-1] for c in cands]
     lam_best = 0.0
@@ -330,5 +390,4 @@ def lagrangian_counts(cands: list[list[int]], bound: list[torch.Tensor], resourc
             break
         counts[best] = cands[best][cands[best].index(counts[best]) + 1]
         current = best_r
-    eps = [float(torch.expm1(b[c.index(k)])) for b, c, k in zip(bound, cands, counts)]
-    return BoundAllocation(counts, eps, lam_best)
+    return counts, lam_best

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import allocation as alloc
@@ -29,6 +30,7 @@ class BudgetRequest:
     multiple: int
     minimum: int
     delta: float
+    probe: Callable[[int, int], float] | None = None  # (group index, k) -> measured output error
 
 
 @dataclass
@@ -83,12 +85,43 @@ def mass_bound(req: BudgetRequest) -> Budget:
     return Budget(sol.counts, sol.eps, sol.multiplier)
 
 
+@register_allocator("mass_sum")
+def mass_sum(req: BudgetRequest) -> Budget:
+    """Per-layer eps_g = sensitivity mass dropped, minimising sum eps_g at the target."""
+    stats = _need_stats(req, "mass_sum")
+    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass_sum")
+    return Budget(sol.counts, sol.eps, sol.multiplier)
+
+
 @register_allocator("sample_bound")
 def sample_bound(req: BudgetRequest) -> Budget:
     """Per-layer eps_g from the sample-size bound, minimising sum log(1 + eps_g) at the target."""
     stats = _need_stats(req, "sample_bound")
     sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="sample")
     return Budget(sol.counts, sol.eps, sol.multiplier)
+
+
+@register_allocator("holdout")
+def holdout(req: BudgetRequest, points: int = 8) -> Budget:
+    """Per-group output-error curves measured on held-out images, summed and minimised at the target.
+
+    Each group's error at `points` counts (the others whole) is measured, interpolated in
+    between and made non-increasing in k; the Lagrangian of allocation.lagrangian_counts then
+    trades measured error against exact cost. The per-group "eps" reported is the measured error.
+    """
+    if req.probe is None:
+        raise BudgetError("prune.allocation: holdout needs held-out images (a post-processing loader)")
+    curves, cands = [], []
+    for gi, n in enumerate(req.sizes):
+        c = alloc.allowed_counts(n, req.multiple, req.minimum)
+        picks = sorted({c[round(i * (len(c) - 1) / max(1, points - 1))] for i in range(points)})
+        measured = torch.tensor([req.probe(gi, k) for k in picks], dtype=torch.float64)
+        curve = torch.from_numpy(np.interp(c, picks, measured.numpy()))
+        curve = torch.flip(torch.cummax(torch.flip(curve, [0]), 0).values, [0])  # fewer channels, never less error
+        curves.append(curve)
+        cands.append(c)
+    counts, lam = alloc.greedy_counts(cands, curves, req.resource_of, req.target)
+    return Budget(counts, [float(cv[c.index(k)]) for cv, c, k in zip(curves, cands, counts)], lam)
 
 
 @register_allocator("uniform")
@@ -101,8 +134,8 @@ def uniform(req: BudgetRequest) -> Budget:
 
 @register_allocator("global")
 def global_threshold(req: BudgetRequest) -> Budget:
-    """One threshold on scores normalised within each group (Torch-Pruning's global pruning)."""
-    ordered = [s.double() for s in req.scores]
+    """One threshold on scores normalised by their group's mean (Torch-Pruning's global pruning)."""
+    ordered = [s.double() / max(float(s.double().mean()), 1e-30) for s in req.scores]
     flat = torch.cat(ordered)
     sol = alloc.solve(lambda t: alloc.global_counts(ordered, t, req.multiple, req.minimum), req.resource_of,
                       req.target, float(flat.min()) - 1e-9, float(flat.max()) + 1e-9, log_scale=False,

@@ -65,7 +65,7 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
 
 
-ALLOCATIONS = ("mass_bound", "sample_bound", "single_eps", "uniform", "global")
+ALLOCATIONS = ("mass_bound", "mass_sum", "sample_bound", "holdout", "single_eps", "uniform", "global")
 
 
 def known_methods() -> list[str]:

@@ -72,17 +72,19 @@ def _bns_after(model: nn.Module, layers: set[str], example: torch.Tensor) -> set
 
 
 def postprocess(original: nn.Module, pruned: nn.Module, shrunk: list[str], loader, holdout_loader, device="cpu", *,
-                reconstruct_on: bool, bn_on: bool, ridge: float, points: int) -> tuple[nn.Module, PostprocessReport]:
+                reconstruct_on: bool, bn_on: bool, ridge: float, points: int,
+                kept_out: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, PostprocessReport]:
     """Apply the post-processing switched on; returns the (possibly replaced) model and what was done.
 
-    shrunk: the Conv2d/Linear layers whose inputs lost channels. holdout_loader decides the
-    order when both are on (the loader itself when there is none).
+    shrunk: the Conv2d/Linear layers whose inputs lost channels; kept_out: the original output
+    units each layer kept (for those that lost outputs too). holdout_loader decides the order
+    when both are on (the loader itself when there is none).
     """
     start = time.perf_counter()
     rep = PostprocessReport(reconstruct=reconstruct_on and bool(shrunk), bn_recalibration=bn_on)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules())
     if rep.reconstruct:
-        fit = reconstruct(original, pruned, shrunk, loader, device, ridge=ridge, max_points=points)
+        fit = reconstruct(original, pruned, shrunk, loader, device, ridge=ridge, max_points=points, kept_out=kept_out)
         rep.refit_layers = [vars(f).copy() for f in fit.layers]
         rep.reconstruct_seconds, rep.reconstruct_peak_bytes = fit.seconds, fit.peak_bytes
     if not (bn_on and has_bn):

@@ -30,6 +30,7 @@ from .hooks import eval_mode
 from .importance import norm_scores
 from .methods import ScoreRequest, get_method
 from .postprocess import postprocess
+from .probe import OutputProbe
 from .resources import ResourceModel, count_flops, count_params
 
 log = logging.getLogger(__name__)
@@ -294,9 +295,12 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
             f"layers, min_channels={mn} and round_to={mult}"
         )
     allocation = cfg.allocation or method.allocation
+    probe = None
+    if allocation == "holdout":
+        probe = OutputProbe(model, groups, scores, postprocess_loader or holdout_loader or calib_loader, device).error
     req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
                         [scored.stats[g.gid] for g in groups] if scored.stats is not None else None,
-                        resource, target_value, mult, mn, cfg.delta)
+                        resource, target_value, mult, mn, cfg.delta, probe)
     try:
         budget = allocate(allocation, req)
     except BudgetError as e:
@@ -333,11 +337,11 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         planned.update({g.gid: k for g, k in zip(groups, counts)})
         # predicted until finalize() removes the zeroed filters and measures
         report.params, report.flops = (int(v) for v in rm.predict([planned[gid] for gid in order]))
-        if cfg.bn_recalibration:  # the zeroed channels are exact zeros, as after removal
-            pp_loader = postprocess_loader or calib_loader
-            _, pp = postprocess(original, model, [], pp_loader, holdout_loader, device, reconstruct_on=False,
-                                bn_on=True, ridge=cfg.ridge, points=cfg.postprocess_points)
-            report.postprocess = asdict(pp)
+        # BN only: the zeroed channels are exact zeros, as after removal, but nothing is removed to refit
+        _, pp = postprocess(original, model, [], postprocess_loader or calib_loader, holdout_loader, device,
+                            reconstruct_on=False, bn_on=cfg.bn_recalibration, ridge=cfg.ridge,
+                            points=cfg.postprocess_points)
+        report.postprocess = asdict(pp)
         report.seconds = time.perf_counter() - start
         return model, report, soft
     kept_in, kept_out = kept_indices(groups, keep)
@@ -354,7 +358,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     reconstruct_on = method.reconstruct if cfg.reconstruct is None else cfg.reconstruct
     model, pp = postprocess(original, model, list(kept_in), postprocess_loader or calib_loader, holdout_loader,
                             device, reconstruct_on=reconstruct_on, bn_on=cfg.bn_recalibration, ridge=cfg.ridge,
-                            points=cfg.postprocess_points)
+                            points=cfg.postprocess_points, kept_out=kept_out)
     report.postprocess = asdict(pp)
     if holdout_loader is not None and kept_in:
         eps_layer: dict[str, float] = {}

@@ -34,7 +34,7 @@ __all__ = ["LayerFit", "ReconstructReport", "reconstruct"]
 
 FALLBACK_RIDGE = 1e-1  # relative lambda the ill-conditioned systems start from
 FALLBACK_STEPS = 8  # x10 each: up to 1e7 relative before giving up
-TARGET_TILES = 4  # the unpruned network's outputs held at once, in tile_bytes
+TARGET_TILES = 2  # the unpruned network's outputs held at once, in tile_bytes
 
 
 @dataclass
@@ -42,7 +42,9 @@ class LayerFit:
     name: str
     rows: int  # rows of the least-squares system (points x positions)
     features: int  # unknowns per output unit (in_channels/groups * kh * kw [+1 bias])
-    error_before: float  # relative residual ||XW-Y||/||Y|| with the pruned layer's current weights
+    # relative residual ||XW-Y||/||Y|| with the pruned layer's current weights; from the
+    # accumulators, so with float32 tiles values below ~1e-3 are at their resolution
+    error_before: float
     error_after: float  # with the refit weights (== error_before if the refit was not applied)
     applied: bool  # False when the refit would not reduce the error (weights then kept)
     ridge: float  # the ridge lambda actually used (absolute)
@@ -97,7 +99,7 @@ def _pads(m: nn.Conv2d) -> tuple[int, int, int, int] | tuple[int, int]:
 class _System:
     """Normal equations of one layer: per group G, B, column sums, ||Y||^2; float64."""
 
-    def __init__(self, name: str, m: nn.Module, device, tile_bytes: int) -> None:
+    def __init__(self, name: str, m: nn.Module, tile_bytes: int) -> None:
         self.name = name
         self.m = m
         self.conv = isinstance(m, nn.Conv2d)
@@ -109,7 +111,7 @@ class _System:
         self.cg = out // self.groups
         self.bias = m.bias is not None
         self.tile_bytes = tile_bytes
-        z = dict(dtype=torch.float64, device=device)
+        z = dict(dtype=torch.float64, device=m.weight.device)
         g = self.groups
         self.G = torch.zeros(g, self.fg, self.fg, **z)
         self.B = torch.zeros(g, self.fg, self.cg, **z)
@@ -248,9 +250,9 @@ def _match_rows(orig: nn.Module, small: nn.Module) -> torch.Tensor | None:
     kept row's values are a subset of its original row's (an increasing match).
     """
     ow = orig.weight.detach().reshape(orig.weight.shape[0], -1)
-    pw = small.weight.detach().reshape(small.weight.shape[0], -1).to(ow.dtype)
+    pw = small.weight.detach().reshape(small.weight.shape[0], -1).to(ow)
     ob = None if orig.bias is None else orig.bias.detach()
-    pb = None if small.bias is None else small.bias.detach().to(ow.dtype)
+    pb = None if small.bias is None else small.bias.detach().to(ow)
     idx, o = [], 0
     for r in range(pw.shape[0]):
         while o < ow.shape[0] and not (
@@ -295,8 +297,8 @@ def _targets(model: nn.Module, mods: dict[str, nn.Module], idx: Mapping[str, tor
             y = output.detach()
             keep = idx.get(name)
             if keep is not None:
-                y = y.index_select(1 if isinstance(mod, nn.Conv2d) and y.dim() == 4 else y.dim() - 1,
-                                   keep.to(y.device))
+                # channels: dim -3 of a conv output (batched or not), the last of a Linear's
+                y = y.index_select(y.dim() - 3 if isinstance(mod, nn.Conv2d) else y.dim() - 1, keep.to(y.device))
             out[name].append(y)
             left.discard(name)
             if not left:
@@ -318,7 +320,8 @@ def _targets(model: nn.Module, mods: dict[str, nn.Module], idx: Mapping[str, tor
     return out
 
 
-def _trace(model: nn.Module, mods: Mapping[str, nn.Module], x: torch.Tensor) -> tuple[list[str], dict[str, int], dict[str, int]]:
+def _trace(model: nn.Module, mods: Mapping[str, nn.Module],
+           x: torch.Tensor) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """Forward order (first calls), calls per pass, and output elements per point of `mods`."""
     order: list[str] = []
     calls: dict[str, int] = {}
@@ -400,7 +403,14 @@ def reconstruct(original: nn.Module, pruned: nn.Module, layers: Sequence[str], l
     peak = 0
     if not mods or not inputs:
         return ReconstructReport([], time.perf_counter() - start, peak, points)
-    with eval_mode(original), eval_mode(pruned), torch.no_grad():
+    precision = torch.get_float32_matmul_precision()
+    # TF32/bfloat16 products (a global setting elsewhere) would cost X^T X its low digits
+    torch.set_float32_matmul_precision("highest")
+    with ExitStack() as stack:
+        stack.callback(torch.set_float32_matmul_precision, precision)
+        stack.enter_context(eval_mode(original))
+        stack.enter_context(eval_mode(pruned))
+        stack.enter_context(torch.no_grad())
         order, calls, _ = _trace(pruned, mods, inputs[0][:1])
         for name in mods:
             if name not in calls:
@@ -424,17 +434,18 @@ def reconstruct(original: nn.Module, pruned: nn.Module, layers: Sequence[str], l
             todo.append(name)
         # the unpruned network does not change: one pass serves several layers' targets, which
         # saves most of its forward passes (each layer would otherwise cost one up to itself)
-        _, _, numel = _trace(original, {n: o_mods[n] for n in todo}, inputs[0][:1])
+        _, _, numel = _trace(original, {n: o_mods[n] for n in todo}, inputs[0][:1]) if todo else ({}, {}, {})
         nbytes = {n: points * numel[n] * _outputs(mods[n]) // _outputs(o_mods[n])
                   * o_mods[n].weight.element_size() for n in todo}
         for window in _windows(todo, nbytes, TARGET_TILES * tile_bytes):
             ys = _targets(original, {n: o_mods[n] for n in window}, idx, inputs)
-            held = sum(y.numel() * y.element_size() for v in ys.values() for y in v)
+            sizes = {n: sum(y.numel() * y.element_size() for y in v) for n, v in ys.items()}
+            held = sum(sizes.values())
             for name in window:
-                fits[name], used = _fit(name, mods[name], pruned, inputs, ys.pop(name), device, ridge, tile_bytes)
+                fits[name], used = _fit(name, mods[name], pruned, inputs, ys.pop(name), ridge, tile_bytes)
                 peak = max(peak, used + held)
-                held -= nbytes[name]
-    out = [fits[n] for n in mods]
+                held -= sizes[name]
+    out = [fits[n] for n in order] + [fits[n] for n in mods if n not in calls]  # as refit, then unreached
     seconds = time.perf_counter() - start
     log.info("reconstruct: %d of %d layers refit on %d points in %.2fs, peak %.1f MB",
              sum(f.applied for f in out), len(out), points, seconds, peak / 2**20)
@@ -442,8 +453,8 @@ def reconstruct(original: nn.Module, pruned: nn.Module, layers: Sequence[str], l
 
 
 def _fit(name: str, m: nn.Module, pruned: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-         device, ridge: float, tile_bytes: int) -> tuple[LayerFit, int]:
-    sys_ = _System(name, m, device, tile_bytes)
+         ridge: float, tile_bytes: int) -> tuple[LayerFit, int]:
+    sys_ = _System(name, m, tile_bytes)
     for x, y in zip(inputs, targets):
         sys_.add(_input_of(pruned, m, x), y)
     G, B = sys_.full()

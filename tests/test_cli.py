@@ -37,7 +37,7 @@ def tiny_yaml(tmp_path: Path, **extra) -> Path:
         "model": {"name": "lenet5"},
         "train": {"epochs": 1, "lr": 0.05, "amp": "off", "channels_last": "off"},
         "retrain": {"epochs": 1, "lr": 0.02, "amp": "off", "channels_last": "off"},
-        "prune": {"keep_ratios": [0.5], "round_to": 1, "calib_size": 32, "holdout_size": 16},
+        "prune": {"keep_ratios": [0.5], "round_to": 1, "calib_size": 32, "holdout_size": 16, "calib_split": 0.25},
     }  # fmt: skip
     raw.update(extra)
     path = tmp_path / "cfg.yaml"

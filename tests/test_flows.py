@@ -31,7 +31,7 @@ def tiny(tmp: Path, **extra) -> dict:
         "train": {"epochs": 2, "lr": 0.05, "amp": "off"},
         "retrain": {"epochs": 1, "lr": 0.02, "amp": "off"},
         "prune": {"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
-                  "tolerance": 100.0},
+                  "tolerance": 100.0, "calib_split": 0.25},
         "export": {"exporter": "torchscript", "parity_samples": 64},
         "targets": [{"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1}],
         "gate": {"max_acc_drop": 100.0, "latency": [{"target": "cpu", "batch": 8, "metric": "p50", "max_ms": 1000.0}]},

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from pfp import pipeline
 from pfp.compare import run_compare
-from pfp.config import RunConfig
+from pfp.config import ConfigError, RunConfig
 from pfp.data import InMemoryImageDataset
 from pfp.models import build_model
 from pfp.resources import count_flops, count_params
@@ -37,7 +37,8 @@ def tiny_config(out: Path, **sections) -> RunConfig:
         "model": {"name": "lenet5"},
         "train": {"epochs": 2, "lr": 0.05, "schedule": "cosine", "amp": "off", "channels_last": "off"},
         "retrain": {"epochs": 1, "lr": 0.02, "schedule": "cosine", "amp": "off", "channels_last": "off"},
-        "prune": {"keep_ratios": [0.6, 0.35], "round_to": 1, "calib_size": 32, "holdout_size": 32},
+        "prune": {"keep_ratios": [0.6, 0.35], "round_to": 1, "calib_size": 32, "holdout_size": 32,
+                  "calib_split": 0.25},
     }  # fmt: skip
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
@@ -291,20 +292,38 @@ def test_eval_view_drops_augmentation_and_shares_the_images():
     assert torch.equal(a, view[3][0])  # no random crop / flip
 
 
-def test_calibration_sets_are_disjoint_and_sized(tmp_path):
-    cfg = tiny_config(tmp_path, prune={"calib_size": 40, "holdout_size": 24})
+def test_calibration_sets_are_held_out_disjoint_and_sized(tmp_path):
+    cfg = tiny_config(tmp_path, prune={"calib_size": 40, "holdout_size": 24, "calib_split": 0.25,
+                                       "postprocess_points": 80})
     from pfp.data import build_data
 
     data = build_data(cfg.data)
+    train, pool = pipeline.split_training(cfg, data.train)
+    assert len(pool) == 96 and len(train) == 384 - 96
+    assert not set(train.indices) & set(pool.indices)  # never trained on
     model = build_model("lenet5", 10, 1, 16)
-    calib, hold, n_calib, n_hold = pipeline.calibration_loaders(cfg, data, model, torch.zeros(1, 1, 16, 16), quiet())
-    assert (n_calib, n_hold) == (40, 24)
-    assert len(calib.dataset) == 40 and len(hold.dataset) == 24
-    assert not set(calib.dataset.indices) & set(hold.dataset.indices)
+    cal = pipeline.calibration_loaders(cfg, data, model, torch.zeros(1, 1, 16, 16), quiet(), pool=pool)
+    assert (cal.calib_size, cal.holdout_size, cal.postprocess_size) == (40, 24, 72)
+    calib, hold, post = (set(l.dataset.indices) for l in (cal.calib, cal.holdout, cal.postprocess))
+    assert len(calib) == 40 and len(hold) == 24 and len(post) == 72
+    assert not calib & hold and not post & hold  # the guarantee's points are distinct from S and the refit's
+    assert calib <= post
     # |S| from the spec's formula when calib_size is unset
-    cfg2 = tiny_config(tmp_path, prune={"calib_size": None, "holdout_size": 8})
-    _, _, n_formula, _ = pipeline.calibration_loaders(cfg2, data, model, torch.zeros(1, 1, 16, 16), quiet())
-    assert 50 < n_formula < 384
+    cfg2 = tiny_config(tmp_path, prune={"calib_size": None, "holdout_size": 8, "calib_split": 0.9})
+    _, pool2 = pipeline.split_training(cfg2, data.train)
+    cal2 = pipeline.calibration_loaders(cfg2, data, model, torch.zeros(1, 1, 16, 16), quiet(), pool=pool2)
+    assert 50 < cal2.calib_size < 384
+
+
+def test_a_calib_split_smaller_than_s_is_one_clear_error_before_training(tmp_path):
+    cfg = tiny_config(tmp_path, prune={"calib_size": 40, "calib_split": 0.05})
+    with pytest.raises(ConfigError) as err:
+        pipeline.prepare(cfg, console=quiet(), progress=False)
+    msg = str(err.value)
+    assert msg.startswith("prune.calib_split: 0.05 of the 384 training images holds out 19, fewer than the |S| = 40")
+    assert not (tmp_path / "tiny" / "base.pt").exists()  # nothing was trained
+    with pytest.raises(ValueError, match="neither a fraction below 1 nor a whole number"):
+        tiny_config(tmp_path, prune={"calib_split": 2.5})
 
 
 # --------------------------------------------------------------------------- compare
@@ -314,8 +333,15 @@ def test_compare_two_methods_records_failures_and_goes_on(cascade):
     cfg, _, _ = cascade
     con = quiet()
     rows = run_compare(cfg, ["pfp", "sfp"], [0.5, 0.999], console=con, progress=False)
-    assert [(r["method"], r["reduction"]) for r in rows] == [("pfp", 0.5), ("pfp", 0.999), ("sfp", 0.5), ("sfp", 0.999)]
+    # each method plain, then with the shared post-processing
+    assert [(r["method"], r["postprocess"], r["reduction"]) for r in rows] == [
+        (m, pp, red) for m in ("pfp", "sfp") for pp in ("plain", "shared") for red in (0.5, 0.999)]
     ok = [r for r in rows if r["reduction"] == 0.5]
+    orders = {(r["method"], r["postprocess"]): json.loads(Path(r["report_path"]).read_text())["postprocess"]["order"]
+              for r in ok}
+    assert orders[("pfp", "plain")] is None and orders[("sfp", "plain")] is None
+    assert orders[("pfp", "shared")] in ("refit", "refit+bn", "refit+bn_unrestored")
+    assert orders[("sfp", "shared")] is None  # SFP cannot be refit before removal, and LeNet5 has no BN
     failed = [r for r in rows if r["reduction"] == 0.999]
     for r in ok:
         assert r["error"] is None
@@ -329,10 +355,10 @@ def test_compare_two_methods_records_failures_and_goes_on(cascade):
 
     out = Path(cfg.output_dir) / cfg.name / "compare"
     saved = json.loads((out / "compare.json").read_text())
-    assert len(saved["rows"]) == 4
+    assert len(saved["rows"]) == 8
     with open(out / "compare.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4 and table[1]["method"] == "pfp" and "PruneError" in table[1]["error"]
+    assert len(table) == 8 and table[1]["method"] == "pfp" and "PruneError" in table[1]["error"]
     assert table[0]["error"] == ""
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
     model, _ = load_model(ok[0]["model_path"], build_model)
