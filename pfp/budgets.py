@@ -8,12 +8,15 @@ count per group and, where it has one, the per-group tolerance eps_g. A new allo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from . import allocation as alloc
+
+if TYPE_CHECKING:
+    from .probe import OutputProbe
 
 
 class BudgetError(ValueError):
@@ -30,7 +33,7 @@ class BudgetRequest:
     multiple: int
     minimum: int
     delta: float
-    probe: Callable[[int, int], float] | None = None  # (group index, k) -> measured output error
+    probe: "OutputProbe | None" = None  # measured output error of a budget, for the search allocators
 
 
 @dataclass
@@ -115,13 +118,77 @@ def holdout(req: BudgetRequest, points: int = 8) -> Budget:
     for gi, n in enumerate(req.sizes):
         c = alloc.allowed_counts(n, req.multiple, req.minimum)
         picks = sorted({c[round(i * (len(c) - 1) / max(1, points - 1))] for i in range(points)})
-        measured = torch.tensor([req.probe(gi, k) for k in picks], dtype=torch.float64)
+        measured = torch.tensor([req.probe.error(gi, k) for k in picks], dtype=torch.float64)
         curve = torch.from_numpy(np.interp(c, picks, measured.numpy()))
         curve = torch.flip(torch.cummax(torch.flip(curve, [0]), 0).values, [0])  # fewer channels, never less error
         curves.append(curve)
         cands.append(c)
     counts, lam = alloc.greedy_counts(cands, curves, req.resource_of, req.target)
     return Budget(counts, [float(cv[c.index(k)]) for cv, c, k in zip(curves, cands, counts)], lam)
+
+
+@register_allocator("search")
+def search(req: BudgetRequest, steps: int = 8) -> Budget:
+    """Greedy search on the measured output error of the whole budget (all cuts at once).
+
+    From every group whole, each round tries one more step down in every group (a step is
+    about 1/`steps` of the group, a multiple of round_to), measures the output divergence on
+    held-out images with all cuts applied and their consumers refit, and takes the step with
+    the least divergence added per unit of resource saved, until the target is met. Cuts
+    interact (two halved layers hurt more than the sum of each alone), which per-group curves
+    cannot see; here every step is judged where the budget stands.
+    """
+    if req.probe is None:
+        raise BudgetError("prune.allocation: search needs held-out images (a post-processing loader)")
+    cands = [alloc.allowed_counts(n, req.multiple, req.minimum) for n in req.sizes]
+    stride = [max(1, len(c) // steps) for c in cands]
+    idx = [len(c) - 1 for c in cands]
+    counts = [c[-1] for c in cands]
+    current, err = req.resource_of(counts), 0.0
+    while current > req.target:
+        best = None
+        for i, c in enumerate(cands):
+            if idx[i] == 0:
+                continue
+            j = max(0, idx[i] - stride[i])
+            trial = list(counts)
+            trial[i] = c[j]
+            r = req.resource_of(trial)
+            if r >= current:
+                continue
+            if r < req.target:  # the last step: go no lower than needed
+                while j + 1 < idx[i] and req.resource_of(trial[:i] + [c[j + 1]] + trial[i + 1:]) <= req.target:
+                    j += 1
+                trial[i] = c[j]
+                r = req.resource_of(trial)
+            e = req.probe.joint(trial)
+            q = (e - err) / (current - r)
+            if best is None or q < best[0]:
+                best = (q, i, j, r, e)
+        if best is None:
+            break
+        _, i, j, current, err = best
+        idx[i], counts[i] = j, cands[i][j]
+    while True:  # spend what the last step left: the add-back that lowers the divergence most per cost
+        best = None
+        for i, c in enumerate(cands):
+            if idx[i] + 1 >= len(c):
+                continue
+            trial = list(counts)
+            trial[i] = c[idx[i] + 1]
+            r = req.resource_of(trial)
+            if r > req.target:
+                continue
+            e = req.probe.joint(trial)
+            q = (err - e) / max(r - current, 1e-30)
+            if best is None or q > best[0]:
+                best = (q, i, r, e)
+        if best is None:
+            break
+        _, i, current, err = best
+        idx[i] += 1
+        counts[i] = cands[i][idx[i]]
+    return Budget(counts, None, err, notes=[f"{req.probe.calls} probes"])
 
 
 @register_allocator("uniform")

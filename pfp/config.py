@@ -65,7 +65,7 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
 
 
-ALLOCATIONS = ("mass_bound", "mass_sum", "sample_bound", "holdout", "single_eps", "uniform", "global")
+ALLOCATIONS = ("mass_bound", "mass_sum", "sample_bound", "holdout", "search", "single_eps", "uniform", "global")
 
 
 def known_methods() -> list[str]:
@@ -118,7 +118,7 @@ class PruneConfig(_Strict):
         None, description="ridge least-squares refit of every consumer whose inputs shrank; None: on for pfp only"
     )
     postprocess_points: int = Field(
-        1024, ge=1, description="held-out training images for BN recalibration and reconstruction"
+        512, ge=1, description="held-out training images for BN recalibration and reconstruction"
     )
     ridge: float = Field(1e-4, ge=0, description="reconstruction: ridge lambda relative to the mean diagonal of X^T X")
     tolerance: float = Field(0.5, ge=0, description="accuracy points allowed below the unpruned model")

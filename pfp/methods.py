@@ -7,7 +7,8 @@ per-method branches.
 
 | method | score | allocation | top-up | reconstruct by default |
 |---|---|---|---|---|
-| pfp | empirical sensitivity, consumers weighted by their share of the output | mass_bound (per-layer eps_l) | in the allocator, by bound gain per cost | yes |
+| pfp | reconstruction-aware elimination over S, ties by empirical sensitivity | search (measured output error per unit of cost) | in the allocator | yes |
+| pfp_sensitivity | empirical sensitivity, consumers weighted by their share of the output | mass_bound (per-layer eps_l) | in the allocator | yes |
 | pfp_reference | the reference code's max-offset sensitivity, max over consumers | single_eps | no | no |
 | ft, sfp, fpgm, hrank, random | L1, L2, geometric median, feature-map rank, random | uniform | by score | no |
 | tp_magnitude, tp_taylor | Torch-Pruning's group importances | global | by score | no |
@@ -34,6 +35,7 @@ class ScoreRequest:
     device: object
     cfg: PruneConfig
     seed: int
+    postprocess_loader: object = None  # held-out training images beyond S
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Scores:
     stats: dict[int, alloc.GroupStats] | None = None  # the bound's statistics (PFP only)
     unscored: list[tuple[str, str]] = field(default_factory=list)  # groups left whole, with the reason
     points: int = 0
+    grams: dict | None = None  # consumers' least-squares statistics, when the scorer computed them
 
 
 Scorer = Callable[[ScoreRequest], Scores]
@@ -90,9 +93,33 @@ def _plain(fn: Callable[[ScoreRequest], dict[int, torch.Tensor]]) -> Scorer:
     return lambda req: Scores(fn(req))
 
 
+def _pfp_refit(req: ScoreRequest) -> Scores:
+    """PFP's sensitivities, then the ranking of reconstruction-aware elimination (ties by sensitivity)."""
+    from .grams import consumer_grams
+    from .probe import EVAL_POINTS
+    from .selection import refit_ranking
+
+    sc = _pfp(None, "weighted")(req)
+    groups = [g for g in req.groups if g.gid in sc.scores]
+    consumers = {c.name: c.module for g in groups for c in g.consumers}
+    # the points after the probe's judged ones (a loader of S alone is used whole)
+    loader = req.postprocess_loader or req.calib_loader
+    skip = EVAL_POINTS if req.postprocess_loader is not None else 0
+    sc.grams = consumer_grams(req.model, consumers, loader, req.device, skip=skip)
+    sc.scores = refit_ranking(groups, sc.scores, sc.grams)
+    return sc
+
+
 register_method(Method(
-    "pfp", _pfp(None, "weighted"), "mass_bound", top_up=False, reconstruct=True, randomized_ok=True,
-    description="PFP's sensitivities with per-layer tolerances chosen against cost, refit and BN recalibration",
+    "pfp", _pfp_refit, "search", top_up=False, reconstruct=True,
+    description="PFP's objective made the criterion: channels ranked by how well the refit keeps the consumers' "
+    "pre-activations without them (ties by empirical sensitivity), budgets by a search on measured output error, "
+    "then refit and BN recalibration",
+))
+register_method(Method(
+    "pfp_sensitivity", _pfp(None, "weighted"), "mass_bound", top_up=False, reconstruct=True, randomized_ok=True,
+    description="PFP's empirical sensitivities (consumers weighted by their share) with per-layer tolerances "
+    "eps_l from the dropped sensitivity mass, minimising sum log(1 + eps_l) at the target",
 ))
 register_method(Method(
     "pfp_reference", _pfp("max_offset", "max"), "single_eps", top_up=False, randomized_ok=True,

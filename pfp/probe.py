@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grams import Gram, consumer_grams
 from .groups import ChannelGroup
 from .hooks import eval_mode
 
-MAX_FEATURES = 2304  # consumers wider than this (per output unit) are probed without the refit
+EVAL_POINTS = 96  # judged points; the Gram statistics come from the held-out points after them
 
 
 def divergence(y: torch.Tensor, y_hat: torch.Tensor) -> float:
@@ -27,87 +28,76 @@ def divergence(y: torch.Tensor, y_hat: torch.Tensor) -> float:
     return float((y_hat - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
 
 
-class _Consumer:
-    """One consumer's unfolded-input Gram matrix on the probe points, for closed-form refits."""
-
-    def __init__(self, module: nn.Module, x: torch.Tensor, ridge: float):
-        self.module = module
-        self.conv = isinstance(module, nn.Conv2d)
-        w = module.weight.detach()
-        self.k = w[0, 0].numel() if self.conv else 1
-        if self.conv:
-            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                            stride=module.stride)  # [N, C*K, P]
-            X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        else:
-            X = x.reshape(-1, x.shape[-1])
-        W = w.reshape(w.shape[0], -1)
-        Y = X @ W.t()  # the unpruned pre-activation, without the bias (kept as it is)
-        X = X.double()
-        self.G = X.t() @ X
-        self.B = X.t() @ Y.double()
-        self.lam = ridge * float(self.G.diagonal().mean()) + 1e-12
-
-    def refit(self, kept_inputs: torch.Tensor) -> torch.Tensor:
-        """Weights of the same shape with dropped inputs zero and kept ones refit."""
-        feats = (kept_inputs.view(-1, 1) * self.k + torch.arange(self.k).view(1, -1)).flatten()
-        G = self.G[feats][:, feats]
-        G = G + self.lam * torch.eye(len(feats), dtype=G.dtype)
-        sol = torch.linalg.solve(G, self.B[feats])  # [kept features, out]
-        w = self.module.weight.detach()
-        flat = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float64)
-        flat[:, feats] = sol.t()
-        return flat.view_as(w).to(w.dtype)
+def refit_weights(module: nn.Module, gram: Gram, kept_inputs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The consumer's weights with only kept_inputs, refit by ridge least squares (bias unchanged)."""
+    k = gram.kernel
+    feats = (kept_inputs.view(-1, 1) * k + torch.arange(k).view(1, -1)).flatten()
+    G = gram.G[feats][:, feats]
+    lam = ridge * float(gram.G.diagonal().mean()) + 1e-12
+    sol = torch.linalg.solve(G + lam * torch.eye(len(feats), dtype=G.dtype), gram.B[feats])  # [kept features, out]
+    w = module.weight.detach()
+    flat = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float64)
+    flat[:, feats] = sol.t()
+    return flat.view_as(w).to(w.dtype)
 
 
 class OutputProbe:
+    """Held-out images split in two: refits are fitted on one part and judged on the other.
+
+    Judging a refit on the points it was fitted to would reward it for overfitting (a Linear
+    consumer with more inputs than points fits anything), so the divergence is measured on
+    `eval_points` images that no refit saw.
+    """
+
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], scores: dict[int, torch.Tensor], loader,
-                 device, max_points: int = 128, refit: bool = True, ridge: float = 1e-4):
-        self.model, self.groups, self.device = model, groups, device
+                 device, grams: dict[str, Gram] | None = None, eval_points: int = EVAL_POINTS, ridge: float = 1e-4):
+        self.model, self.groups, self.device, self.ridge = model, groups, device, ridge
         self.order = {g.gid: torch.argsort(scores[g.gid].double(), descending=True) for g in groups}
         xs, n = [], 0
         for batch in loader:
-            xs.append(batch[0][: max_points - n])
+            xs.append(batch[0][: eval_points - n])
             n += xs[-1].shape[0]
-            if n >= max_points:
+            if n >= eval_points:
                 break
         self.x = torch.cat(xs).to(device)
-        inputs: dict[str, torch.Tensor] = {}
-        consumers = {c.name: c.module for g in groups for c in g.consumers}
-        if refit:
-            for name, m in list(consumers.items()):
-                per_unit = m.weight[0].numel()
-                if (isinstance(m, nn.Conv2d) and m.groups != 1) or per_unit > MAX_FEATURES:
-                    del consumers[name]
-        handles = [m.register_forward_pre_hook(lambda mod, i, n=name: inputs.__setitem__(n, i[0].detach()))
-                   for name, m in consumers.items()] if refit else []
-        with eval_mode(model, handles), torch.no_grad():
+        if grams is None:  # fitted on the points after the judged ones
+            consumers = {c.name: c.module for g in groups for c in g.consumers}
+            grams = consumer_grams(model, consumers, loader, device, skip=eval_points)
+        self.grams = grams
+        with eval_mode(model), torch.no_grad():
             self.y = model(self.x).double()
-        self.fits = {name: _Consumer(consumers[name], a.cpu().float(), ridge) for name, a in inputs.items()}
         self.calls = 0
 
     def error(self, gi: int, k: int) -> float:
         """Output divergence with group gi reduced to its k best channels and its consumers refit."""
-        g = self.groups[gi]
-        if k >= g.size:
-            return 0.0
-        drop = torch.ones(g.size, dtype=torch.bool)
-        drop[self.order[g.gid][:k]] = False
-        saved: list[tuple[nn.Module, torch.Tensor]] = []
+        counts = [g.size for g in self.groups]
+        counts[gi] = k
+        return self.joint(counts)
+
+    def joint(self, counts: list[int]) -> float:
+        """Output divergence with every group i reduced to its counts[i] best channels, consumers refit."""
         masks: dict[str, tuple[nn.Module, torch.Tensor]] = {}
-        for c in g.consumers:
-            dim = c.module.in_channels if isinstance(c.module, nn.Conv2d) else c.module.in_features
-            mod, m = masks.setdefault(c.name, (c.module, torch.ones(dim)))
-            m[c.in_idxs[drop[c.root_idxs]]] = 0.0
+        for g, k in zip(self.groups, counts):
+            if k >= g.size:
+                continue
+            drop = torch.ones(g.size, dtype=torch.bool)
+            drop[self.order[g.gid][:k]] = False
+            for c in g.consumers:
+                dim = c.module.in_channels if isinstance(c.module, nn.Conv2d) else c.module.in_features
+                mod, m = masks.setdefault(c.name, (c.module, torch.ones(dim)))
+                m[c.in_idxs[drop[c.root_idxs]]] = 0.0
+        if not masks:
+            return 0.0
+        saved: list[tuple[nn.Module, torch.Tensor]] = []
         handles = []
-        for name, (mod, mask) in masks.items():
-            if name in self.fits:
-                saved.append((mod, mod.weight.data))
-                kept = torch.nonzero(mask > 0).flatten()
-                mod.weight.data = self.fits[name].refit(kept).to(mod.weight.device)
-            else:
-                handles.append(mod.register_forward_pre_hook(_masking(mask, isinstance(mod, nn.Conv2d))))
         try:
+            for name, (mod, mask) in masks.items():
+                if name in self.grams:
+                    saved.append((mod, mod.weight.data))
+                    kept = torch.nonzero(mask > 0).flatten()
+                    mod.weight.data = refit_weights(mod, self.grams[name], kept, self.ridge).to(mod.weight.device)
+                else:
+                    handles.append(mod.register_forward_pre_hook(_masking(mask, isinstance(mod, nn.Conv2d))))
             with eval_mode(self.model, handles), torch.no_grad():
                 y = self.model(self.x).double()
         finally:

@@ -270,7 +270,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     target_value = keep_ratio * (ref_flops if cfg.target == "flops" else ref_params)
     pick = 1 if cfg.target == "flops" else 0
 
-    scored = method.score(ScoreRequest(model, graph.groups, calib_loader, device, cfg, seed))
+    scored = method.score(ScoreRequest(model, graph.groups, calib_loader, device, cfg, seed, postprocess_loader))
     skipped = list(graph.skipped) + scored.unscored
     groups = [g for g in graph.groups if g.gid in scored.scores]
     scores = scored.scores
@@ -296,8 +296,9 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         )
     allocation = cfg.allocation or method.allocation
     probe = None
-    if allocation == "holdout":
-        probe = OutputProbe(model, groups, scores, postprocess_loader or holdout_loader or calib_loader, device).error
+    if allocation in ("holdout", "search"):
+        probe = OutputProbe(model, groups, scores, postprocess_loader or calib_loader, device,
+                            grams=scored.grams if postprocess_loader is not None else None)
     req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
                         [scored.stats[g.gid] for g in groups] if scored.stats is not None else None,
                         resource, target_value, mult, mn, cfg.delta, probe)
@@ -311,8 +312,14 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
 
     randomized = cfg.selection == "randomized" and method.randomized_ok
     keep, weight_scale = _select(groups, counts, scores, randomized, seed)
-    eps_of = {g.gid: e for g, e in zip(groups, budget.eps)} if budget.eps is not None else {}
     bounded = scored.stats is not None
+    if budget.eps is not None and allocation != "holdout":
+        eps_of = {g.gid: e for g, e in zip(groups, budget.eps)}
+    elif bounded:  # budgets not set by the bound: report the tolerance the bound gives the chosen counts
+        eps_of = {g.gid: float(alloc.eps_for_counts(scored.stats[g.gid], [k], cfg.delta)[0])
+                  for g, k in zip(groups, counts)}
+    else:
+        eps_of = {}
     layers = []
     for g in groups:
         row = {"name": g.name, "size": g.size, "kept": int(len(keep[g.gid])), "eps": eps_of.get(g.gid),

@@ -114,6 +114,7 @@ def test_weighted_group_scores_do_not_saturate_where_the_max_does():
 
 def test_pfp_default_is_the_improved_method():
     cfg = PruneConfig()
-    assert cfg.method == "pfp" and METHODS["pfp"].allocation == "mass_bound" and METHODS["pfp"].reconstruct
+    assert cfg.method == "pfp" and METHODS["pfp"].allocation == "search" and METHODS["pfp"].reconstruct
+    assert METHODS["pfp_sensitivity"].allocation == "mass_bound"
     assert METHODS["pfp_reference"].allocation == "single_eps" and not METHODS["pfp_reference"].top_up
     assert cfg.bn_recalibration and cfg.calib_split > 0

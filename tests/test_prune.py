@@ -208,7 +208,7 @@ def test_pfp_report_rows_per_layer_eps_and_measured_error(models, calib, holdout
     model = models["lenet5"]
     pruned, rep, _ = prune(model, calib, PruneConfig(method="pfp", round_to=1, delta=1e-6), 0.5, example_input=X1,
                            holdout_loader=holdout)
-    assert rep.allocation == "mass_bound" and rep.eps is None  # no single eps: one per layer
+    assert rep.allocation == "search" and rep.eps is None  # no single eps: one per layer
     for r in rep.layers:
         assert r["eps"] is not None and r["eps"] >= 0 and r["delta"] == 1e-6
         if r["kept"] == r["size"]:
@@ -259,7 +259,7 @@ def test_guarantee_measures_the_pruned_layer_on_unpruned_inputs(models, calib, h
 def test_deterministic_selection_keeps_top_scores(models, calib, name):
     model = models[name]
     # no refit or BN recalibration: the kept channels are identified by their unchanged biases
-    cfg = PruneConfig(method="pfp", round_to=ROUND[name], reconstruct=False, bn_recalibration=False)
+    cfg = PruneConfig(method="pfp_sensitivity", round_to=ROUND[name], reconstruct=False, bn_recalibration=False)
     pruned, rep, _ = prune(model, calib, cfg, 0.5, example_input=X1)
     graph = PruningGraph(copy.deepcopy(model), X1)
     sens = pfp_sensitivity(graph.model, graph.groups, calib, "cpu", aggregate="weighted")
@@ -369,7 +369,7 @@ def test_randomized_end_to_end(data):
     with torch.no_grad():
         z = model.fc2(model.relu(model.fc1(model.flatten(x)))) - model.fc2.bias
     # the reweighting itself, without the refit that would replace it
-    cfg = PruneConfig(method="pfp", selection="randomized", round_to=1, target="params", reconstruct=False)
+    cfg = PruneConfig(method="pfp_reference", selection="randomized", round_to=1, target="params")
     outs = []
     for seed in range(40):
         pruned, rep, _ = prune(model, loader, cfg, 0.6, example_input=X1, seed=seed)

@@ -1,0 +1,97 @@
+"""Reconstruction-aware channel selection: drop the channels the refit can best do without.
+
+PFP's objective is to keep every consumer's pre-activations; `pfp.reconstruct` refits each
+consumer on the channels that stay. So the channels to drop are those whose loss the refit
+repairs best. For each consumer c of a group, with X its unfolded input on held-out images
+and Y = X W its unpruned pre-activation, the least-squares residual of keeping feature set A
+is r_c(A) = ||Y||^2 - B_A^T G_AA^-1 B_A (G = X^T X, B = X^T Y). Removing channel j (its K
+kernel features J) raises it by tr(W_J^T (H_JJ)^-1 W_J), with H = (G + lam I)^-1 and W = H B
+(the block form of the classic downdate), so a whole backward elimination costs a few small
+solves per channel. The group's channels are eliminated one at a time by the sum over its
+consumers of the relative rise, ties broken by the method's scores; the result is a ranking
+(last eliminated first) that budgets and selection use in place of the scores.
+"""
+from __future__ import annotations
+
+import torch
+
+from .grams import Gram
+from .groups import ChannelGroup
+
+
+class _Elimination:
+    """One consumer's least-squares state over the input channels of one group."""
+
+    def __init__(self, G: torch.Tensor, B: torch.Tensor, yy: float, k: int, pairs: torch.Tensor, ridge: float):
+        lam = ridge * float(G.diagonal().mean()) + 1e-12
+        self.H = torch.linalg.inv(G + lam * torch.eye(G.shape[0], dtype=G.dtype))
+        self.W = self.H @ B
+        self.k = k
+        self.yy = max(yy, 1e-30)
+        # feature positions of each group channel (the consumer's other inputs stay); a channel
+        # read by a Linear after flatten has one input index per position
+        pos: dict[int, list[int]] = {}
+        for i, ch in pairs.tolist():
+            pos.setdefault(int(ch), []).extend(range(int(i) * k, int(i) * k + k))
+        self.pos = {ch: torch.tensor(v) for ch, v in pos.items()}
+        self.alive = torch.ones(G.shape[0], dtype=torch.bool)
+        self.live = torch.arange(G.shape[0])
+
+    def rises(self, chans: list[int]) -> torch.Tensor:
+        """The relative residual rise of removing each channel in chans (one batched solve)."""
+        idx = [self._local(ch) for ch in chans]
+        if len({len(i) for i in idx}) > 1:  # channels read at different numbers of inputs: one at a time
+            return torch.cat([self.rises([ch]) for ch in chans])
+        J = torch.stack(idx)  # [n, K']
+        HJ = self.H[J.unsqueeze(2), J.unsqueeze(1)]  # [n, K', K']
+        WJ = self.W[J]  # [n, K', O]
+        return (WJ * torch.linalg.solve(HJ, WJ)).sum((1, 2)) / self.yy
+
+    def _local(self, ch: int) -> torch.Tensor:
+        """Indices of channel ch's features among the features still alive."""
+        return self.live[self.pos[ch]]
+
+    def remove(self, ch: int) -> None:
+        J = self._local(ch)
+        keep = torch.ones(self.H.shape[0], dtype=torch.bool)
+        keep[J] = False
+        HJ_inv = torch.linalg.inv(self.H[J][:, J])
+        HkJ = self.H[keep][:, J]
+        self.W = self.W[keep] - HkJ @ (HJ_inv @ self.W[J])
+        self.H = self.H[keep][:, keep] - HkJ @ HJ_inv @ HkJ.t()
+        self.alive[self.pos[ch]] = False
+        self.live = torch.cumsum(self.alive.long(), 0) - 1
+
+
+def refit_ranking(groups: list[ChannelGroup], scores: dict[int, torch.Tensor], grams: dict[str, Gram],
+                  ridge: float = 1e-4) -> dict[int, torch.Tensor]:
+    """A score per channel of each group (higher = kept longer) from backward elimination.
+
+    Groups with a consumer that has no Gram statistics (grouped convs, too wide) keep their
+    scores. The result ranks like scores do: the last channel eliminated scores highest.
+    """
+    out = dict(scores)
+    for g in groups:
+        if not g.consumers or any(c.name not in grams for c in g.consumers):
+            continue
+        states = []
+        for name in dict.fromkeys(c.name for c in g.consumers):
+            pairs = torch.cat([torch.stack([c.in_idxs, c.root_idxs], 1) for c in g.consumers if c.name == name])
+            gr = grams[name]
+            states.append(_Elimination(gr.G, gr.B, gr.yy, gr.kernel, pairs, ridge))
+        if any(len(s.pos) != g.size for s in states):
+            continue
+        tie = scores[g.gid].double()
+        tie = tie / max(float(tie.abs().max()), 1e-30) * 1e-9
+        alive = list(range(g.size))
+        rank = torch.zeros(g.size, dtype=torch.float64)
+        for step in range(g.size - 1):
+            rises = sum(s.rises(alive) for s in states)
+            j = int(torch.argmin(rises - tie[alive]))
+            ch = alive.pop(j)
+            rank[ch] = step
+            for s in states:
+                s.remove(ch)
+        rank[alive[0]] = g.size - 1
+        out[g.gid] = rank
+    return out
