@@ -162,7 +162,8 @@ def search(req: BudgetRequest, steps: int = 8) -> Budget:
                 trial[i] = c[j]
                 r = req.resource_of(trial)
             e = req.probe.joint(trial)
-            q = (e - err) / (current - r)
+            # a step past the target is credited only with the saving the target needed
+            q = (e - err) / (current - max(r, req.target))
             if best is None or q < best[0]:
                 best = (q, i, j, r, e)
         if best is None:

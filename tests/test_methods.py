@@ -118,3 +118,73 @@ def test_pfp_default_is_the_improved_method():
     assert METHODS["pfp_sensitivity"].allocation == "mass_bound"
     assert METHODS["pfp_reference"].allocation == "single_eps" and not METHODS["pfp_reference"].top_up
     assert cfg.bn_recalibration and cfg.calib_split > 0
+
+
+# ----------------------------------------------------------------------------- reconstruction-aware ranking
+def _two_conv(dup: tuple[int, int]) -> torch.nn.Module:
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 5, 3, padding=1),
+                            torch.nn.Flatten(), torch.nn.Linear(5 * 28 * 28, 10))
+    with torch.no_grad():  # channel dup[1] repeats channel dup[0]: the refit can do without one of them
+        m[0].weight[dup[1]] = m[0].weight[dup[0]]
+        m[0].bias[dup[1]] = m[0].bias[dup[0]]
+    return m.eval()
+
+
+def test_elimination_rise_is_the_least_squares_residual_rise():
+    from pfp.grams import Gram
+    from pfp.selection import _Elimination
+
+    torch.manual_seed(0)
+    X = torch.randn(400, 12, dtype=torch.float64)  # 4 channels x 3 kernel offsets
+    W = torch.randn(12, 5, dtype=torch.float64)
+    Y = X @ W + 0.1 * torch.randn(400, 5, dtype=torch.float64)
+    gr = Gram(X.t() @ X, X.t() @ Y, float(Y.pow(2).sum()), 3, 400)
+    st = _Elimination(gr.G, gr.B, gr.yy, 3, torch.tensor([[i, i] for i in range(4)]), ridge=0.0)
+
+    def residual(chans):
+        cols = [c * 3 + o for c in chans for o in range(3)]
+        sol = torch.linalg.lstsq(X[:, cols], Y).solution
+        return float((X[:, cols] @ sol - Y).pow(2).sum())
+
+    full = residual([0, 1, 2, 3])
+    rises = st.rises([0, 1, 2, 3])
+    for j in range(4):
+        assert float(rises[j]) == pytest.approx((residual([c for c in range(4) if c != j]) - full) / gr.yy, rel=1e-6)
+    st.remove(2)  # after a removal the rises are those of the smaller system
+    base = residual([0, 1, 3])
+    for j, r in zip([0, 1, 3], st.rises([0, 1, 3]).tolist()):
+        assert r == pytest.approx((residual([c for c in (0, 1, 3) if c != j]) - base) / gr.yy, rel=1e-6)
+
+
+def test_pfp_drops_a_duplicated_channel_first(calib):
+    from pfp.grams import consumer_grams
+    from pfp.selection import refit_ranking
+
+    model = _two_conv((1, 4))
+    graph = PruningGraph(model, X1)
+    g = next(g for g in graph.groups if g.name == "0")
+    grams = consumer_grams(model, {c.name: c.module for c in g.consumers}, calib, "cpu")
+    sens = pfp_sensitivity(model, graph.groups, calib, "cpu", aggregate="weighted").scores
+    rank = refit_ranking([g], sens, grams, ridge=1e-9)[g.gid]
+    assert int(torch.argmin(rank)) in (1, 4)  # either copy goes first: the other carries it
+    assert sorted(rank.tolist()) == list(range(6))
+
+
+def test_output_probe_and_search_meet_the_target(calib):
+    from pfp.probe import OutputProbe
+    from pfp.resources import ResourceModel
+
+    model = build_model("lenet5", 10, 1, 28).eval()
+    graph = PruningGraph(model, X1)
+    scores = norm_scores(graph.groups, 1)
+    probe = OutputProbe(model, graph.groups, scores, calib, "cpu", eval_points=8)
+    full = [g.size for g in graph.groups]
+    assert probe.joint(full) == 0.0
+    assert probe.error(0, 1) > 0
+    rm = ResourceModel(model, X1, graph.groups)
+    small, rep, _ = prune(model, calib, PruneConfig(method="ft", allocation="search", round_to=1), 0.5,
+                          example_input=X1, postprocess_loader=calib)
+    # within the target; below it by at most about one channel of conv1 (6 channels: 14% of the FLOPs each),
+    # which an untrained network's flat divergence makes the cheapest cut
+    assert rep.allocation == "search" and 0.8 * 0.5 * rm.total_flops <= rep.flops <= 0.5 * rm.total_flops
