@@ -52,14 +52,14 @@ def _load(config: Optional[Path], set_: Optional[list[str]]):
 
 def _summary(result: dict) -> Table:
     t = Table(title="compress flow: rounds")
-    for col in ("round", "keep", "acc", "change", "FLOPs removed", "coverage (min)"):
+    for col in ("round", "keep", "acc", "change", "FLOPs removed", "pre-act. error p95 (worst layer)"):
         t.add_column(col, justify="right")
     for i, r in enumerate(result["rounds"]):
         if r.get("error"):
             t.add_row(str(r["round"]), f"{r['keep_ratio']:.0%}", "failed", "", "", "", style="red")
             continue
         mark = " *" if result["chosen"] == i else ""
-        cov = f"{r['coverage_min']:.3f}" if r.get("coverage_min") is not None else "-"
+        cov = f"{r['preact_err_p95_max']:.3g}" if r.get("preact_err_p95_max") is not None else "-"
         t.add_row(f"{r['round']}{mark}", f"{r['keep_ratio']:.0%}", f"{r['acc']:.2f}%", f"{r['acc_change']:+.2f}",
                   f"{r['flops_removed_pct']:.1f}%", cov)
     return t

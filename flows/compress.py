@@ -35,7 +35,8 @@ from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
 
 ITERATION_METRICS = (
     "acc", "loss", "acc_before_retrain", "acc_change", "params", "flops", "keep_ratio", "achieved_keep",
-    "flops_removed_pct", "params_removed_pct", "eps", "coverage_min", "coverage_mean", "seconds",
+    "flops_removed_pct", "params_removed_pct", "preact_err_p95_max", "preact_eps99_max", "eps", "coverage_min",
+    "coverage_mean", "seconds",
 )
 
 

@@ -48,6 +48,10 @@ def iterate(cfg: PipelineConfig, index: int, parent: str | None, *, console: Con
         return _error_row(pc.method, pc.target, pc.keep_ratios[index], e) | {
             "round": index + 1, "task_seconds": time.perf_counter() - start}
     report = json.loads(Path(row["report_path"]).read_text()) if Path(row["report_path"]).is_file() else {}
+    # measured first: the worst consumer's relative pre-activation error on held-out points
+    measured = report.get("guarantee") or []
+    row["preact_err_p95_max"] = max((m["rel_p95"] for m in measured), default=None)
+    row["preact_eps99_max"] = max((m["eps99"] for m in measured), default=None)
     coverage = [layer["coverage"] for layer in report.get("layers", []) if layer.get("coverage") is not None]
     row["coverage_min"] = min(coverage) if coverage else None
     row["coverage_mean"] = sum(coverage) / len(coverage) if coverage else None

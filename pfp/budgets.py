@@ -40,17 +40,21 @@ class BudgetRequest:
 class Budget:
     counts: list[int]
     eps: list[float] | None = None  # per group, where the allocator works with the bound
-    knob: float | None = None  # the solved scalar: the global eps, a ratio, a threshold or a multiplier
+    knob: float | None = None  # the solved scalar: the global eps, a ratio, a threshold, a measured divergence
+    global_eps: float | None = None  # one tolerance for every layer (the paper's rule)
     notes: list[str] = field(default_factory=list)
 
 
 Allocator = Callable[[BudgetRequest], Budget]
 ALLOCATORS: dict[str, Allocator] = {}
+MEASURING: set[str] = set()  # allocators that judge budgets on held-out images (they need a probe)
 
 
-def register_allocator(name: str) -> Callable[[Allocator], Allocator]:
+def register_allocator(name: str, measures: bool = False) -> Callable[[Allocator], Allocator]:
     def deco(fn: Allocator) -> Allocator:
         ALLOCATORS[name] = fn
+        if measures:
+            MEASURING.add(name)
         return fn
 
     return deco
@@ -77,7 +81,7 @@ def single_eps(req: BudgetRequest) -> Budget:
     stats = _need_stats(req, "single_eps")
     sol = alloc.solve(lambda e: alloc.pfp_counts(stats, e, req.delta, req.multiple, req.minimum), req.resource_of,
                       req.target, 1e-8, 1e12, log_scale=True, decreasing=True, iters=80)
-    return Budget(sol.counts, [sol.knob] * len(stats), sol.knob)
+    return Budget(sol.counts, [sol.knob] * len(stats), sol.knob, global_eps=sol.knob)
 
 
 @register_allocator("mass_bound")
@@ -104,13 +108,13 @@ def sample_bound(req: BudgetRequest) -> Budget:
     return Budget(sol.counts, sol.eps, sol.multiplier)
 
 
-@register_allocator("holdout")
+@register_allocator("holdout", measures=True)
 def holdout(req: BudgetRequest, points: int = 8) -> Budget:
     """Per-group output-error curves measured on held-out images, summed and minimised at the target.
 
     Each group's error at `points` counts (the others whole) is measured, interpolated in
     between and made non-increasing in k; the Lagrangian of allocation.lagrangian_counts then
-    trades measured error against exact cost. The per-group "eps" reported is the measured error.
+    trades measured error against exact cost.
     """
     if req.probe is None:
         raise BudgetError("prune.allocation: holdout needs held-out images (a post-processing loader)")
@@ -123,11 +127,12 @@ def holdout(req: BudgetRequest, points: int = 8) -> Budget:
         curve = torch.flip(torch.cummax(torch.flip(curve, [0]), 0).values, [0])  # fewer channels, never less error
         curves.append(curve)
         cands.append(c)
-    counts, lam = alloc.greedy_counts(cands, curves, req.resource_of, req.target)
-    return Budget(counts, [float(cv[c.index(k)]) for cv, c, k in zip(curves, cands, counts)], lam)
+    counts, _ = alloc.greedy_counts(cands, curves, req.resource_of, req.target)
+    total = sum(float(cv[c.index(k)]) for cv, c, k in zip(curves, cands, counts))
+    return Budget(counts, None, total, notes=[f"summed per-group divergence {total:.4g}, {req.probe.calls} probes"])
 
 
-@register_allocator("search")
+@register_allocator("search", measures=True)
 def search(req: BudgetRequest, steps: int = 8) -> Budget:
     """Greedy search on the measured output error of the whole budget (all cuts at once).
 
@@ -189,7 +194,7 @@ def search(req: BudgetRequest, steps: int = 8) -> Budget:
         _, i, current, err = best
         idx[i] += 1
         counts[i] = cands[i][idx[i]]
-    return Budget(counts, None, err, notes=[f"{req.probe.calls} probes"])
+    return Budget(counts, None, err, notes=[f"output divergence {err:.4g} after {req.probe.calls} probes"])
 
 
 @register_allocator("uniform")

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from . import allocation as alloc
 from . import guarantee
-from .budgets import BudgetError, BudgetRequest, allocate, top_up
+from .budgets import MEASURING, BudgetError, BudgetRequest, allocate, top_up
 from .config import PruneConfig
 from .groups import ChannelGroup, PruningGraph, kept_indices
 from .hooks import eval_mode
@@ -56,6 +56,7 @@ class PruneReport:
     scoring_seconds: float = 0.0
     calib_points: int = 0
     allocation: str | None = None
+    allocation_notes: list[str] = field(default_factory=list)
     guarantee: list[dict] = field(default_factory=list)  # per consumer: measured error next to eps_l
     postprocess: dict | None = None
 
@@ -296,7 +297,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         )
     allocation = cfg.allocation or method.allocation
     probe = None
-    if allocation in ("holdout", "search"):
+    if allocation in MEASURING:
         probe = OutputProbe(model, groups, scores, postprocess_loader or calib_loader, device,
                             grams=scored.grams if postprocess_loader is not None else None)
     req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
@@ -313,7 +314,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     randomized = cfg.selection == "randomized" and method.randomized_ok
     keep, weight_scale = _select(groups, counts, scores, randomized, seed)
     bounded = scored.stats is not None
-    if budget.eps is not None and allocation != "holdout":
+    if budget.eps is not None:
         eps_of = {g.gid: e for g, e in zip(groups, budget.eps)}
     elif bounded:  # budgets not set by the bound: report the tolerance the bound gives the chosen counts
         eps_of = {g.gid: float(alloc.eps_for_counts(scored.stats[g.gid], [k], cfg.delta)[0])
@@ -331,12 +332,11 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
             row["m"] = int(alloc.sample_size(st, e, cfg.delta)) if e else None
         layers.append(row)
 
-    global_eps = budget.knob if allocation == "single_eps" else None
     report = PruneReport(
         method=cfg.method, target=cfg.target, target_value=target_value, original_params=ref_params,
-        original_flops=ref_flops, params=0, flops=0, eps=global_eps, delta=cfg.delta if bounded else None,
+        original_flops=ref_flops, params=0, flops=0, eps=budget.global_eps, delta=cfg.delta if bounded else None,
         layers=layers, skipped=skipped, scoring_seconds=scoring_seconds, calib_points=scored.points,
-        allocation=allocation,
+        allocation=allocation, allocation_notes=budget.notes,
     )
     if method.soft:
         soft = SoftPruner(graph, {g.gid: k for g, k in zip(groups, counts)}, report, example_input)

@@ -172,11 +172,12 @@ def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
 
     cfg = config_from_json(tiny(tmp_path))
     rows = compare_flow(cfg.model_dump(mode="json"), methods=["pfp", "ft"], reductions=[0.5])
-    assert len(rows) == 2 and all(r.get("error") is None for r in rows)
+    assert len(rows) == 4 and all(r.get("error") is None for r in rows)  # each method plain and post-processed
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("tiny-compare")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["pfp.method"] for r in runs) == ["ft", "pfp"]
+    assert sorted((r.data.tags["pfp.method"], r.data.tags["pfp.postprocess"]) for r in runs) == [
+        ("ft", "plain"), ("ft", "shared"), ("pfp", "plain"), ("pfp", "shared")]
     assert all("acc" in r.data.metrics and "flops_removed_pct" in r.data.metrics for r in runs)
     assert load_pipeline_config  # imported for readers: the same config loader as `pfp compare`
 
