@@ -133,7 +133,7 @@ def holdout(req: BudgetRequest, points: int = 8) -> Budget:
 
 
 @register_allocator("search", measures=True)
-def search(req: BudgetRequest, steps: int = 8) -> Budget:
+def search(req: BudgetRequest, steps: int = 8, groups_per_step: int = 8) -> Budget:
     """Greedy search on the measured output error of the whole budget (all cuts at once).
 
     From every group whole, each round tries one more step down in every group (a step is
@@ -141,7 +141,9 @@ def search(req: BudgetRequest, steps: int = 8) -> Budget:
     held-out images with all cuts applied and their consumers refit, and takes the step with
     the least divergence added per unit of resource saved, until the target is met. Cuts
     interact (two halved layers hurt more than the sum of each alone), which per-group curves
-    cannot see; here every step is judged where the budget stands.
+    cannot see; here every step is judged where the budget stands. A network of many groups
+    takes the best 1 in `groups_per_step` of the round's steps at once, so the number of
+    probes grows with the groups, not with their square.
     """
     if req.probe is None:
         raise BudgetError("prune.allocation: search needs held-out images (a post-processing loader)")
@@ -149,9 +151,10 @@ def search(req: BudgetRequest, steps: int = 8) -> Budget:
     stride = [max(1, len(c) // steps) for c in cands]
     idx = [len(c) - 1 for c in cands]
     counts = [c[-1] for c in cands]
+    take = max(1, len(cands) // groups_per_step)
     current, err = req.resource_of(counts), 0.0
     while current > req.target:
-        best = None
+        tried = []
         for i, c in enumerate(cands):
             if idx[i] == 0:
                 continue
@@ -168,13 +171,20 @@ def search(req: BudgetRequest, steps: int = 8) -> Budget:
                 r = req.resource_of(trial)
             e = req.probe.joint(trial)
             # a step past the target is credited only with the saving the target needed
-            q = (e - err) / (current - max(r, req.target))
-            if best is None or q < best[0]:
-                best = (q, i, j, r, e)
-        if best is None:
+            tried.append(((e - err) / (current - max(r, req.target)), i, j, e))
+        if not tried:
             break
-        _, i, j, current, err = best
+        tried.sort()
+        _, i, j, err = tried[0]
         idx[i], counts[i] = j, cands[i][j]
+        current = req.resource_of(counts)
+        for _, i, j, _ in tried[1:take]:  # many groups: the next best steps of this round too
+            if current <= req.target:
+                break
+            idx[i], counts[i] = j, cands[i][j]
+            current = req.resource_of(counts)
+        if take > 1:
+            err = req.probe.joint(counts)
     while True:  # spend what the last step left: the add-back that lowers the divergence most per cost
         best = None
         for i, c in enumerate(cands):

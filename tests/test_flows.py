@@ -187,7 +187,7 @@ def test_crash_and_resume(tmp_path):
     """Kill the flow (SIGTERM, as a cancelled worker does) in round 2; the MLflow runs end
     FAILED, and the re-run reuses round 1 instead of recomputing it."""
     raw = tiny(tmp_path, prune={"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
-                                "tolerance": 100.0},
+                                "tolerance": 100.0, "calib_split": 0.25},
                retrain={"epochs": 40, "lr": 0.02, "amp": "off"})  # round 2 takes long enough to be killed in
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
