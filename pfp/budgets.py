@@ -188,22 +188,22 @@ def search(req: BudgetRequest, steps: int = 8, groups_per_step: int = 8) -> Budg
     while True:  # spend what the last step left: the add-back that lowers the divergence most per cost
         best = None
         for i, c in enumerate(cands):
-            if idx[i] + 1 >= len(c):
+            j = idx[i]  # the largest add-back of at most one stride that still fits
+            while j + 1 < len(c) and j + 1 <= idx[i] + stride[i] and \
+                    req.resource_of(counts[:i] + [c[j + 1]] + counts[i + 1:]) <= req.target:
+                j += 1
+            if j == idx[i]:
                 continue
-            trial = list(counts)
-            trial[i] = c[idx[i] + 1]
+            trial = counts[:i] + [c[j]] + counts[i + 1:]
             r = req.resource_of(trial)
-            if r > req.target:
-                continue
             e = req.probe.joint(trial)
             q = (err - e) / max(r - current, 1e-30)
             if best is None or q > best[0]:
-                best = (q, i, r, e)
+                best = (q, i, j, r, e)
         if best is None:
             break
-        _, i, current, err = best
-        idx[i] += 1
-        counts[i] = cands[i][idx[i]]
+        _, i, j, current, err = best
+        idx[i], counts[i] = j, cands[i][j]
     return Budget(counts, None, err, notes=[f"output divergence {err:.4g} after {req.probe.calls} probes"])
 
 

@@ -188,3 +188,17 @@ def test_output_probe_and_search_meet_the_target(calib):
     # within the target; below it by at most about one channel of conv1 (6 channels: 14% of the FLOPs each),
     # which an untrained network's flat divergence makes the cheapest cut
     assert rep.allocation == "search" and 0.8 * 0.5 * rm.total_flops <= rep.flops <= 0.5 * rm.total_flops
+
+
+def test_post_processing_keeps_the_candidate_closest_to_the_unpruned_outputs(calib):
+    model = build_model("resnet20", 10, 1, 28).eval()
+    _, rep, _ = prune(model, calib, PruneConfig(method="ft", round_to=8, reconstruct=True), 0.5, example_input=X1,
+                      holdout_loader=calib)
+    pp = rep.postprocess
+    assert pp["reconstruct"] and pp["bn_recalibration"] and pp["refit_layers"]
+    assert {"refit", "refit+bn"} <= set(pp["output_error"]) and pp["order"] == min(pp["output_error"],
+                                                                                    key=pp["output_error"].get)
+    # plain: neither, and the report says so
+    _, plain, _ = prune(model, calib, PruneConfig(method="ft", round_to=8, reconstruct=False, bn_recalibration=False),
+                        0.5, example_input=X1)
+    assert plain.postprocess["order"] is None and not plain.postprocess["refit_layers"]
