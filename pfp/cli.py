@@ -68,9 +68,10 @@ QUICKSTART: dict = {
         "round_to": 1,
         "holdout_size": 256,
         "tolerance": 0.5,
+        "calib_split": 0.05,
     },
     "compare": {
-        "methods": ["pfp", "ft", "sfp", "fpgm", "random"],
+        "methods": ["pfp", "pfp_reference", "ft", "tp_magnitude"],
         "reductions": [0.5, 0.7],
     },
 }
