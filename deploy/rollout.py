@@ -1,4 +1,4 @@
-"""A rollout's plan and its outcome, in plain Python (flows.deploy runs it on Prefect).
+"""A rollout's plan and its outcome, in plain Python (flows.rollout runs it on Prefect).
 
     job = parse_job(params)                            # a device job, every field checked
     stages = plan_stages(targets, RolloutSettings())   # canary first, then the fleet, in waves

@@ -4,7 +4,7 @@
         prefect worker start --pool jetson-orin --work-queue orin-fleet-01
 
 Each device runs a process worker on its device class's work pool, taking work only from
-its own queue. `pfp deploy` (flows.deploy) sends these flows there with run_deployment and
+its own queue. `pfp deploy` (flows.rollout) sends these flows there with run_deployment and
 `work_queue_name`. Who the device is and where its Triton model repository lies come from
 the worker's environment (deploy.device.device_from_env); the flow's `device` parameter
 must name this device or the run is refused.
