@@ -38,7 +38,7 @@ REPORT_FORMAT = "pfp-latency-report/1"
 
 # Check the stopping rule about this often: often enough not to overshoot max_time_s by
 # much, rarely enough that sorting the samples costs nothing next to the model.
-_CHECK_EVERY_S = 0.05
+CHECK_EVERY_S = 0.05
 # Upper bound on iterations between checks (also the size of the CUDA event pool).
 _MAX_CHUNK = 256
 
@@ -130,11 +130,11 @@ def _ci_met(n: int, ci_rel: float | None, settings: LatencySettings) -> bool:
 
 
 def _chunk_size(done: int, elapsed_s: float, est_iter_s: float | None, settings: LatencySettings) -> int:
-    """Iterations to run before the next look at the stopping rule: about _CHECK_EVERY_S
+    """Iterations to run before the next look at the stopping rule: about CHECK_EVERY_S
     worth, and no more than fit before max_iters or max_time_s."""
     if est_iter_s is None or est_iter_s <= 0:
         return 1
-    k = min(_CHECK_EVERY_S, settings.max_time_s - elapsed_s) / est_iter_s
+    k = min(CHECK_EVERY_S, settings.max_time_s - elapsed_s) / est_iter_s
     return max(1, min(math.ceil(k), _MAX_CHUNK, settings.max_iters - done))
 
 
