@@ -214,6 +214,9 @@ def test_train_then_prune_a_checkpoint(tmp_path):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["method"] == "pfp" and report["flops"] == count_flops(model, x)
     assert info["meta"]["keep_ratio"] == 0.5 and "per-layer" in result.output
+    # the measured error comes first: its table is printed, and the JSON carries it per consumer
+    assert "measured on held-out points" in result.output and report["guarantee"]
+    assert {"rel_p50", "rel_p95", "rel_max", "eps95", "eps99"} <= set(report["guarantee"][0])
 
     # prune the pruned model further, relative to the original network
     out2 = tmp_path / "pruned2.pt"
