@@ -23,7 +23,7 @@ MAX_VALUES = 1 << 21  # values kept per layer for the quantiles; the max is exac
 
 
 @dataclass
-class LayerError:
+class LayerMeasurement:
     name: str
     eps: float | None  # theoretical eps_l (the tightest of the groups the layer reads)
     delta: float | None
@@ -47,7 +47,7 @@ def _apply(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def measure(original: nn.Module, pruned: nn.Module, kept_in: dict[str, torch.Tensor],
             kept_out: dict[str, torch.Tensor], loader, device="cpu", eps: dict[str, float] | None = None,
-            delta: float | None = None) -> list[LayerError]:
+            delta: float | None = None) -> list[LayerMeasurement]:
     """Relative pre-activation error of each consumer in kept_in (original input index kept, in order).
 
     kept_out gives the output units a layer kept (all when absent): only those are compared.
@@ -96,7 +96,7 @@ def measure(original: nn.Module, pruned: nn.Module, kept_in: dict[str, torch.Ten
         vals = torch.cat(samples[name])
         q = torch.quantile(vals, torch.tensor([0.5, 0.95, 0.99], dtype=torch.float64)).tolist()
         e = eps.get(name)
-        out.append(LayerError(name=name, eps=e, delta=delta if e is not None else None, values=st["values"],
+        out.append(LayerMeasurement(name=name, eps=e, delta=delta if e is not None else None, values=st["values"],
                               rel_p50=q[0], rel_p95=q[1], rel_max=st["max"], eps95=q[1], eps99=q[2],
                               inside_eps=st["inside"] / st["values"] if e is not None else None))
     return out
