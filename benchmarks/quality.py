@@ -42,7 +42,7 @@ REDUCTIONS = {"flops": [0.5, 0.7, 0.85], "params": [0.5, 0.7, 0.9]}
 
 
 def run(model: str, seed: int, methods: list[str], targets: list[str], postprocess: str,
-        retrain_epochs: int | None, quiet: bool) -> list[dict]:
+        retrain_epochs: int | None, quiet: bool, reductions: list[float] | None = None) -> list[dict]:
     rows = []
     for target in targets:
         overrides = {"seed": seed, "name": f"quality_{model}" + (f"_s{seed}" if seed else ""),
@@ -51,7 +51,7 @@ def run(model: str, seed: int, methods: list[str], targets: list[str], postproce
             overrides["retrain.epochs"] = retrain_epochs
         cfg = load_config(MODELS[model], overrides)
         console = Console(quiet=quiet)
-        for r in run_compare(cfg, methods, REDUCTIONS[target], console=console, progress=False):
+        for r in run_compare(cfg, methods, reductions or REDUCTIONS[target], console=console, progress=False):
             rows.append(r | {"model": model, "seed": seed, "target": target})
     return rows
 
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--postprocess", default="both", choices=["both", "plain", "shared"])
     ap.add_argument("--retrain-epochs", type=int, default=None, help="override each config's retrain.epochs")
+    ap.add_argument("--reductions", default=None, help="override the shares removed, e.g. 0.5,0.7")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default="runs/quality_summary.json")
     a = ap.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
     for model in a.models.split(","):
         for seed in [int(s) for s in a.seeds.split(",")]:
             rows += run(model, seed, a.methods.split(","), a.targets.split(","), a.postprocess, a.retrain_epochs,
-                        a.quiet)
+                        a.quiet, [float(r) for r in a.reductions.split(",")] if a.reductions else None)
     summary = summarize(rows, Console())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"points": rows, **summary}, indent=1, default=str))
