@@ -9,8 +9,8 @@ meets the target.
 `bound_counts` keeps the bound but drops the single eps: it inverts the bound per group
 (eps_g(k), the tolerance at which k channels suffice) and chooses per-layer tolerances that
 minimise the composed error bound sum_g log(1 + eps_g) at the target resource, with a
-Lagrangian over the exact resource model and a greedy spend of the remainder by gain per
-unit of cost.
+steepest-descent walk on the exact resource model (`greedy_counts`) and a greedy spend of
+the remainder by gain per unit of cost.
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def eps_for_counts(g: GroupStats, counts: list[int], delta: float) -> torch.Tens
 class BoundAllocation:
     counts: list[int]
     eps: list[float]  # eps_g at the kept counts
-    multiplier: float  # the Lagrange multiplier of the resource constraint (per unit of resource)
+    multiplier: float  # the last step's bound rise per unit of resource (the walk's price)
 
 
 def allowed_counts(size: int, multiple: int, minimum: int) -> list[int]:
@@ -245,17 +245,13 @@ def mass_eps(g: GroupStats, counts: list[int]) -> torch.Tensor:
 
 
 def bound_counts(stats: list[GroupStats], delta: float, resource_of: Callable[[list[int]], float], target: float,
-                 multiple: int = 1, minimum: int = 1, relinearise: int = 3, kind: str = "sample") -> BoundAllocation:
+                 multiple: int = 1, minimum: int = 1, kind: str = "sample") -> BoundAllocation:
     """Per-layer tolerances minimising sum_g log(1 + eps_g(k_g)) subject to resource(k) <= target.
 
     kind="sample": eps_g(k) from the Bernstein sample-size bound (eps_for_counts);
     kind="mass": eps_g(k) is the sensitivity mass of the dropped channels (mass_eps);
     kind="mass_sum": the same eps_g, minimising sum_g eps_g instead of its logarithms.
-    The resource is bilinear in the counts (a conv's cost scales with its kept inputs times
-    its kept outputs), so each round linearises it at the current counts: c_g is the exact
-    cost of one channel of g given the others. For a multiplier lam each group then picks
-    argmin_k log(1 + eps_g(k)) + lam c_g k on its own; lam is bisected so the exact resource
-    meets the target. The remainder is spent greedily by bound gain per unit of exact cost.
+    The counts are chosen by greedy_counts on the exact resource model.
     """
     cands = [allowed_counts(g.size, multiple, minimum) for g in stats]
     if kind in ("mass", "mass_sum"):
@@ -322,72 +318,3 @@ def greedy_counts(cands: list[list[int]], bound: list[torch.Tensor], resource_of
         idx[best] += 1
         counts[best] = cands[best][idx[best]]
         current = best_r
-
-
-def lagrangian_counts(cands: list[list[int]], bound: list[torch.Tensor], resource_of: Callable[[list[int]], float],
-                      target: float, relinearise: int = 3) -> tuple[list[int], float]:
-    """min sum_g bound[g][k_g] over k_g in cands[g] s.t. resource_of(k) <= target: (counts, multiplier)."""
-    cand_t = [torch.tensor(c, dtype=torch.float64) for c in cands]
-    counts = [c[-1] for c in cands]
-    lam_best = 0.0
-
-    def channel_costs(at: list[int]) -> list[float]:
-        out = []
-        for i, (k, c) in enumerate(zip(at, cands)):
-            j = c.index(k)
-            if j > 0:
-                lower = c[j - 1]
-            elif j + 1 < len(c):  # at the minimum: measure the step above instead
-                lower, k = k, c[j + 1]
-            else:
-                out.append(0.0)
-                continue
-            trial = list(at)
-            trial[i] = k
-            hi_r = resource_of(trial)
-            trial[i] = lower
-            out.append(max(hi_r - resource_of(trial), 0.0) / (k - lower))
-        return out
-
-    def pick(lam: float, costs: list[float]) -> list[int]:
-        return [c[int(torch.argmin(b + lam * cost * ct))] for c, b, cost, ct in zip(cands, bound, costs, cand_t)]
-
-    for _ in range(max(1, relinearise)):
-        costs = channel_costs(counts)
-        lo, hi = 0.0, 1.0
-        while resource_of(pick(hi, costs)) > target and hi < 1e300:
-            lo, hi = hi, hi * 10
-        if resource_of(pick(lo, costs)) <= target:
-            hi = lo
-        for _ in range(100):
-            mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-            if resource_of(pick(mid, costs)) > target:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= 1e-9 * hi:
-                break
-        counts, lam_best = pick(hi, costs), hi
-
-    # spend the remainder: the step with the largest bound gain per unit of exact cost
-    current = resource_of(counts)
-    while True:
-        best, best_ratio, best_r = None, -1.0, current
-        for i, c in enumerate(cands):
-            j = c.index(counts[i])
-            if j + 1 >= len(c):
-                continue
-            trial = list(counts)
-            trial[i] = c[j + 1]
-            r = resource_of(trial)
-            if r > target:
-                continue
-            gain = float(bound[i][j] - bound[i][j + 1])
-            ratio = gain / max(r - current, 1e-30)
-            if ratio > best_ratio:
-                best, best_ratio, best_r = i, ratio, r
-        if best is None:
-            break
-        counts[best] = cands[best][cands[best].index(counts[best]) + 1]
-        current = best_r
-    return counts, lam_best

@@ -113,7 +113,7 @@ def holdout(req: BudgetRequest, points: int = 8) -> Budget:
     """Per-group output-error curves measured on held-out images, summed and minimised at the target.
 
     Each group's error at `points` counts (the others whole) is measured, interpolated in
-    between and made non-increasing in k; the Lagrangian of allocation.lagrangian_counts then
+    between and made non-increasing in k; allocation.greedy_counts then
     trades measured error against exact cost.
     """
     if req.probe is None:
