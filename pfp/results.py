@@ -1,0 +1,76 @@
+"""Typed results that cross a step, task or process boundary on the model side.
+
+Pydantic models, so a Prefect task can return them, persist them as results and validate
+them on the way back in, and so MLflow logging reads attributes instead of string keys.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class BaseInfo(_Result):
+    """The trained base model and the calibration set S drawn for pruning it."""
+
+    base_path: str
+    run_dir: str
+    acc: float
+    loss: float
+    params: int
+    flops: int
+    trained_now: bool
+    data_hash: str
+    calib_hash: str | None = None
+    calib_size: int
+    holdout_size: int
+    seconds: float = 0.0
+
+
+class RoundResult(_Result):
+    """One prune-retrain-evaluate round (or one comparison point).
+
+    A round that pruning could not reach has `error` set and no measurements.
+    """
+
+    method: str
+    target: str
+    keep_ratio: float
+    round: int | None = None
+    achieved_keep: float | None = None
+    params: int | None = None
+    flops: int | None = None
+    params_removed_pct: float | None = None
+    flops_removed_pct: float | None = None
+    acc_before_retrain: float | None = None
+    acc: float | None = None
+    loss: float | None = None
+    acc_change: float | None = None
+    eps: float | None = None
+    prune_seconds: float | None = None
+    retrain_seconds: float | None = None
+    seconds: float | None = None
+    model_path: str | None = None
+    report_path: str | None = None
+    # measured first: the worst consumer's relative pre-activation error on held-out points
+    preact_err_p95_max: float | None = None
+    preact_eps99_max: float | None = None
+    coverage_min: float | None = None
+    coverage_mean: float | None = None
+    task_seconds: float | None = None
+    reused: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def failed(cls, method: str, target: str, keep_ratio: float, error: BaseException,
+               round: int | None = None) -> "RoundResult":
+        """The row of a round that raised: its first message line, no measurements."""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return cls(method=method, target=target, keep_ratio=keep_ratio, round=round,
+                   error=f"{type(error).__name__}: {first}")
