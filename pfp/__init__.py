@@ -9,7 +9,6 @@ The Python API is two calls (see docs/api.md):
 """
 from __future__ import annotations
 
-import sys
 import types
 
 
