@@ -15,12 +15,12 @@ def new_axes():
     return plt.subplots(figsize=(6.4, 4.2))
 
 
-def save_figure(fig, ax, path: Path) -> Path:
-    """Grid, legend, tight layout; write the PNG and free the figure."""
+def save_figure(fig, ax, path: Path, **legend) -> Path:
+    """Grid, legend (`legend`: its keyword arguments), tight layout; write the PNG and free the figure."""
     import matplotlib.pyplot as plt
 
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -49,17 +49,31 @@ def plot_accuracy_vs_flops(
     return save_figure(fig, ax, path)
 
 
-def plot_layer_budget(report: dict, path: Path, title: str = "") -> Path:
-    """Kept vs total channels per pruned layer, from a PruneReport's dict."""
+def plot_layer_budget(report: dict, path: Path, original: dict[str, int] | None = None, title: str = "") -> Path:
+    """Per pruned layer, in network order: the original width, the width before this round
+    and the width kept, as fractions of the original (convs and linears share one scale that
+    way), with the kept count written on each bar.
+
+    `report` is a PruneReport's dict; `original` maps layer names to their unpruned widths
+    (None: this round pruned the unpruned model).
+    """
     layers = report.get("layers") or []
     names = [layer["name"] for layer in layers]
+    orig = [float((original or {}).get(layer["name"], layer["size"])) for layer in layers]
+    before = [layer["size"] / o for layer, o in zip(layers, orig)]
+    kept = [layer["kept"] / o for layer, o in zip(layers, orig)]
     fig, ax = new_axes()
-    fig.set_size_inches(max(6.4, 0.28 * len(names) + 2), 4.2)
-    xs = range(len(names))
-    ax.bar(xs, [layer["size"] for layer in layers], color="lightgray", label="channels before")
-    ax.bar(xs, [layer["kept"] for layer in layers], color="tab:blue", label="kept")
-    ax.set_xticks(list(xs))
+    fig.set_size_inches(max(6.4, 0.32 * len(names) + 2), 4.4)
+    xs = list(range(len(names)))
+    ax.bar(xs, [1.0] * len(xs), color="whitesmoke", edgecolor="lightgray", label="original width")
+    if original:
+        ax.bar(xs, before, color="lightgray", label="before this round")
+    ax.bar(xs, kept, color="tab:blue", label="kept")
+    for x, layer, k in zip(xs, layers, kept):
+        ax.text(x, k + 0.01, str(layer["kept"]), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(xs)
     ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("channels")
+    ax.set_ylim(0, 1.3)
+    ax.set_ylabel("channels kept (fraction of original)")
     ax.set_title(title or f"per-layer budget ({report.get('method', '')})")
-    return save_figure(fig, ax, path)
+    return save_figure(fig, ax, path, loc="upper center", ncol=3)

@@ -332,6 +332,9 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
             e = eps_of.get(g.gid)
             row["m"] = int(alloc.sample_size(st, e, cfg.delta)) if e else None
         layers.append(row)
+    # network order (the dependency graph lists groups from the output back), for tables and plots
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers.sort(key=lambda r: position.get(r["name"], len(position)))
 
     report = PruneReport(
         method=cfg.method, target=cfg.target, target_value=target_value, original_params=ref_params,
