@@ -147,13 +147,13 @@ def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConf
 
 
 def _check_model_name(name: str) -> None:
-    from pfp.models import TV_PREFIX, _unknown, available_models
+    from pfp.models import TV_PREFIX, unknown_model_error, available_models
 
     names = available_models()
     key = name.strip()
     ok = (TV_PREFIX + key[len(TV_PREFIX):]) in names if key.lower().startswith(TV_PREFIX) else key.lower() in names
     if not ok:
-        raise _unknown(key)
+        raise unknown_model_error(key)
 
 
 def _split(value: str | None, what: str, cast=str) -> list | None:
@@ -295,11 +295,11 @@ def prune_cmd(
 @app.command()
 def models() -> None:
     """List the model names that configs accept (model.name)."""
-    from pfp.models import TV_PREFIX, _OURS, available_models
+    from pfp.models import TV_PREFIX, OUR_MODELS, available_models
 
     console = Console()
     console.print("[bold]ours[/] (sized for the data set's images):")
-    for name in _OURS:
+    for name in OUR_MODELS:
         console.print(f"  {name}", highlight=False)
     tv = [n for n in available_models() if n.startswith(TV_PREFIX)]
     console.print(f"[bold]torchvision[/] ({len(tv)}, untrained, first conv adapted to the data's channels):")

@@ -133,7 +133,7 @@ def calibration_size(model: nn.Module, example_input: torch.Tensor, delta: float
 
 
 # ----------------------------------------------------------------------------- selection
-def _randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample m' channels with replacement from p so that E[#distinct] = k; keep the distinct.
 
     Returns kept channels and the weight scale count_j / (m' p_j) of each.
@@ -162,7 +162,7 @@ def _randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Te
     return kept, scale
 
 
-def _reweight(g: ChannelGroup, kept: torch.Tensor, scale: torch.Tensor) -> None:
+def reweight_consumers(g: ChannelGroup, kept: torch.Tensor, scale: torch.Tensor) -> None:
     """Scale consumer weights of kept channel j by count_j / (m' p_j) (unbiased estimator)."""
     per_channel = torch.zeros(g.size, dtype=torch.float64)
     per_channel[kept] = scale
@@ -243,7 +243,7 @@ def _select(groups: list[ChannelGroup], counts: list[int], scores: dict[int, tor
     for g, k in zip(groups, counts):
         s = scores[g.gid].double()
         if randomized and k < g.size and s.sum() > 0:
-            keep[g.gid], weight_scale[g.gid] = _randomized(s, k, gen)
+            keep[g.gid], weight_scale[g.gid] = sample_randomized(s, k, gen)
         else:
             keep[g.gid] = torch.topk(s, k).indices.sort().values
     return keep, weight_scale
@@ -353,7 +353,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         return model, report, soft
     kept_in, kept_out = kept_indices(groups, keep)
     for gid, scl in weight_scale.items():
-        _reweight(next(g for g in groups if g.gid == gid), keep[gid], scl)
+        reweight_consumers(next(g for g in groups if g.gid == gid), keep[gid], scl)
     graph.prune(keep)
     try:
         with torch.no_grad():
