@@ -175,11 +175,11 @@ def _split(value: str | None, what: str, cast=str) -> list | None:
 def run(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = True) -> None:
     """Prune-and-retrain cascade: train (or reuse) the base model, prune to each keep ratio, choose."""
     with _errors():
-        from pfp.pipeline import run_cascade
+        from pfp.cascade import run_cascade, summary_table
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
-        run_cascade(cfg, console=Console(), progress=progress)
+        Console().print(summary_table(run_cascade(cfg, progress=progress)))
 
 
 @app.command()
@@ -194,13 +194,12 @@ def compare(
 ) -> None:
     """Several pruning methods side by side: same base model, FLOP targets and retraining budget."""
     with _errors():
-        from pfp.compare import run_compare
+        from pfp.compare import run_compare, summary_table
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
-        run_compare(
-            cfg, _split(methods, "methods"), _split(reductions, "reductions", float), console=Console(), progress=progress
-        )
+        result = run_compare(cfg, _split(methods, "methods"), _split(reductions, "reductions", float), progress=progress)
+        Console().print(summary_table(result))
 
 
 @app.command("train")
@@ -208,13 +207,13 @@ def train_cmd(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressO
     """Train the unpruned model and save it as output_dir/<name>/base.pt (works under torchrun)."""
     with _errors():
         from pfp.distributed import cleanup, init_distributed
-        from pfp.pipeline import run_train
+        from pfp.setup import run_train
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
         rank, world, _ = init_distributed()
         try:
-            run_train(cfg, console=Console(quiet=rank != 0), progress=progress, distributed=world > 1)
+            run_train(cfg, progress=progress, distributed=world > 1)
         finally:
             cleanup()
 
@@ -237,7 +236,7 @@ def prune_cmd(
     with _errors():
         import torch
 
-        from pfp.pipeline import calibration_loaders, load_checkpoint_for, load_data, split_training
+        from pfp.setup import calibration_loaders, load_checkpoint_for, load_data, split_training
         from pfp.prune import prune
         from pfp.serialization import save_model
         from pfp.data import make_loader
@@ -254,7 +253,7 @@ def prune_cmd(
         console = Console()
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
-        data = load_data(cfg, console)
+        data = load_data(cfg)
         example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
         model, info, _ = load_checkpoint_for(checkpoint, data, example)
         reference = None
@@ -266,7 +265,7 @@ def prune_cmd(
         model.to(device)
         example = example.to(device)
         _, held_out = split_training(cfg, data.train)
-        cal = calibration_loaders(cfg, data, model, example, console, pool=held_out)
+        cal = calibration_loaders(cfg, data, model, example, pool=held_out)
         test_loader = make_loader(data.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers)
         before = evaluate(model, test_loader, device)["acc"] if evaluate_ else None
         console.print(f"[bold]prune[/] {checkpoint}: {cfg.prune.method}, keep {keep:.0%} of the {cfg.prune.target}, |S| = {cal.calib_size}")
@@ -279,7 +278,7 @@ def prune_cmd(
             pruned, report = soft.finalize(pruned)
         pruned.to(device)
         after = evaluate(pruned, test_loader, device)["acc"] if evaluate_ else None
-        report.print_table(console)
+        console.print(report.summary())
         meta = {
             "source": str(checkpoint), "keep_ratio": keep, "acc_before_prune": before,
             "acc_before_retrain": after, "report": report.to_dict(),

@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,9 @@ from .methods import ScoreRequest, get_method
 from .postprocess import postprocess
 from .probe import OutputProbe
 from .resources import ResourceModel, count_flops, count_params
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,13 @@ class PruneReport:
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
         os.replace(tmp, path)
 
-    def print_table(self, console=None) -> None:
-        from rich.console import Console
+    def summary(self) -> "Group":
+        """The report for people: the per-layer budget, the measured guarantee, the totals (rich renderables)."""
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        console = console or Console()
+        parts: list = []
         t = Table(title=f"{self.method}: per-layer budget ({self.allocation or '-'} allocation)")
         for col in ("layer", "kept/total", "eps_l", "m", "S_g"):
             t.add_column(col, justify="right" if col != "layer" else "left")
@@ -95,7 +101,7 @@ class PruneReport:
                 "-" if row.get("m") is None else f"{row['m']:.3g}",
                 "-" if row.get("S") is None else f"{row['S']:.3g}",
             )
-        console.print(t)
+        parts.append(t)
         if self.guarantee:
             g = Table(title=f"measured on held-out points: relative pre-activation error per consumer "
                             f"(delta={self.delta if self.delta else '-'})")
@@ -105,18 +111,19 @@ class PruneReport:
                 g.add_row(r["name"], f"{r['rel_p50']:.3g}", f"{r['rel_p95']:.3g}", f"{r['rel_max']:.3g}",
                           f"{r['eps95']:.3g}", f"{r['eps99']:.3g}", "-" if r["eps"] is None else f"{r['eps']:.3g}",
                           "-" if r["inside_eps"] is None else f"{100 * r['inside_eps']:.1f}%")
-            console.print(g)
+            parts.append(g)
         if self.postprocess and self.postprocess.get("order"):
             pp = self.postprocess
             errs = ", ".join(f"{k} {v:.3g}" for k, v in pp.get("output_error", {}).items())
-            console.print(f"post-processing: {pp['order']}" + (f" (relative output error: {errs})" if errs else ""))
-        console.print(
+            parts.append(Text(f"post-processing: {pp['order']}" + (f" (relative output error: {errs})" if errs else "")))
+        parts.append(Text(
             f"params {self.params:,} ({100 * (1 - self.params / self.original_params):.1f}% removed), "
             f"FLOPs {self.flops:,} ({100 * (1 - self.flops / self.original_flops):.1f}% removed), "
             f"target {self.target} {self.target_value:,.0f} (off by {100 * (self.achieved / self.target_value - 1):+.2f}%)"
-        )
+        ))
         for name, why in self.skipped:
-            console.print(f"[yellow]not pruned: {name}: {why}[/yellow]")
+            parts.append(Text(f"not pruned: {name}: {why}", style="yellow"))
+        return Group(*parts)
 
 
 def calibration_size(model: nn.Module, example_input: torch.Tensor, delta: float) -> int:
