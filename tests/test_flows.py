@@ -200,7 +200,7 @@ def test_crash_and_resume(tmp_path):
             f"compress_flow(config_path={str(cfg_path)!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done1 = tmp_path / "runs" / "tiny" / "round_1" / "done.json"
+    done1 = tmp_path / "runs" / "tiny" / "round_1" / "model.pt"  # written last: the round is finished
     ckpt2 = tmp_path / "runs" / "tiny" / "round_2" / "retrain.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and not (done1.exists() and ckpt2.exists()) and proc.poll() is None:
