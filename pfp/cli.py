@@ -124,6 +124,28 @@ def _errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+@contextlib.contextmanager
+def _library_logs(show: bool = True) -> Iterator[None]:
+    """The pfp loggers' INFO lines on this command's stdout (WARNING and up only when not `show`).
+
+    Interim: the CLI rewrite renders the project's loggers with rich.logging.RichHandler instead.
+    """
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("pfp")
+    level = logger.level
+    logger.setLevel(logging.INFO if show else logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def parse_sets(items: list[str] | None) -> dict:
     """["a.b=1", "c=[0.5, 0.3]"] -> {"a.b": 1, "c": [0.5, 0.3]} (values parsed with yaml.safe_load)."""
     out: dict = {}
@@ -179,7 +201,9 @@ def run(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = T
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
-        Console().print(summary_table(run_cascade(cfg, progress=progress)))
+        with _library_logs():
+            result = run_cascade(cfg, progress=progress)
+        Console().print(summary_table(result))
 
 
 @app.command()
@@ -198,7 +222,9 @@ def compare(
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
-        result = run_compare(cfg, _split(methods, "methods"), _split(reductions, "reductions", float), progress=progress)
+        with _library_logs():
+            result = run_compare(cfg, _split(methods, "methods"), _split(reductions, "reductions", float),
+                                 progress=progress)
         Console().print(summary_table(result))
 
 
@@ -213,7 +239,8 @@ def train_cmd(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressO
         _check_model_name(cfg.model.name)
         rank, world, _ = init_distributed()
         try:
-            run_train(cfg, progress=progress, distributed=world > 1)
+            with _library_logs(show=rank == 0):
+                run_train(cfg, progress=progress, distributed=world > 1)
         finally:
             cleanup()
 
@@ -253,7 +280,8 @@ def prune_cmd(
         console = Console()
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
-        data = load_data(cfg)
+        with _library_logs():
+            data = load_data(cfg)
         example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
         model, info, _ = load_checkpoint_for(checkpoint, data, example)
         reference = None

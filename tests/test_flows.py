@@ -175,7 +175,7 @@ def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
 
     cfg = config_from_json(tiny(tmp_path))
     rows = compare_flow(cfg.model_dump(mode="json"), methods=["pfp", "ft"], reductions=[0.5])
-    assert len(rows) == 4 and all(r.get("error") is None for r in rows)  # each method plain and post-processed
+    assert len(rows) == 4 and all(r.error is None for r in rows)  # each method plain and post-processed
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("tiny-compare")
     runs = client.search_runs([exp.experiment_id])
