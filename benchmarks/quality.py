@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 from pathlib import Path
 
@@ -42,7 +43,7 @@ REDUCTIONS = {"flops": [0.5, 0.7, 0.85], "params": [0.5, 0.7, 0.9]}
 
 
 def run(model: str, seed: int, methods: list[str], targets: list[str], postprocess: str,
-        retrain_epochs: int | None, quiet: bool, reductions: list[float] | None = None) -> list[dict]:
+        retrain_epochs: int | None, reductions: list[float] | None = None) -> list[dict]:
     rows = []
     for target in targets:
         overrides = {"seed": seed, "name": f"quality_{model}" + (f"_s{seed}" if seed else ""),
@@ -50,9 +51,8 @@ def run(model: str, seed: int, methods: list[str], targets: list[str], postproce
         if retrain_epochs is not None:
             overrides["retrain.epochs"] = retrain_epochs
         cfg = load_config(MODELS[model], overrides)
-        console = Console(quiet=quiet)
-        for r in run_compare(cfg, methods, reductions or REDUCTIONS[target], console=console, progress=False):
-            rows.append(r | {"model": model, "seed": seed, "target": target})
+        for r in run_compare(cfg, methods, reductions or REDUCTIONS[target], progress=False).rows:
+            rows.append(r.model_dump() | {"model": model, "seed": seed, "target": target})
     return rows
 
 
@@ -102,12 +102,13 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default="runs/quality_summary.json")
     a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     register_variants(a.methods.split(","))
     rows = []
     for model in a.models.split(","):
         for seed in [int(s) for s in a.seeds.split(",")]:
             rows += run(model, seed, a.methods.split(","), a.targets.split(","), a.postprocess, a.retrain_epochs,
-                        a.quiet, [float(r) for r in a.reductions.split(",")] if a.reductions else None)
+                        [float(r) for r in a.reductions.split(",")] if a.reductions else None)
     summary = summarize(rows, Console())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"points": rows, **summary}, indent=1, default=str))

@@ -10,13 +10,11 @@ keeps accuracy to a smaller size than FT.
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
-from rich.console import Console
 
 from pfp.config import load_config
-from pfp.pipeline import run_cascade
+from pfp.cascade import run_cascade
 
 HERE = Path(__file__).parent
 RATIOS = [0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.07]
@@ -43,16 +41,16 @@ def main() -> None:
         if base_src.exists() and not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(base_src.read_bytes())
-        res = run_cascade(cfg, console=Console(file=io.StringIO()), progress=False)
-        print(f"{method}: unpruned {res.base['acc']:.2f}%")
-        for r in res.rounds:
+        res = run_cascade(cfg, progress=False)
+        print(f"{method}: unpruned {res.base.acc:.2f}%")
+        for r in (r.model_dump() for r in res.rounds):
             if r.get("error"):
                 print(f"   keep {r['keep_ratio']:.2f} of params: {r['error']}")
                 continue
             print(f"   keep {r['keep_ratio']:.2f} of params: params -{r['params_removed_pct']:.1f}%, "
                   f"FLOPs -{r['flops_removed_pct']:.1f}%, one-shot {r['acc_before_retrain']:.2f}%, "
                   f"retrained {r['acc']:.2f}% ({r['acc_change']:+.2f})")
-        c = res.chosen_row
+        c = res.chosen_row.model_dump() if res.chosen_row else None
         print(f"   smallest within {a.tolerance} points: "
               + (f"{c['params_removed_pct']:.1f}% of params removed ({c['acc_change']:+.2f})" if c else "none"))
 

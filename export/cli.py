@@ -85,7 +85,7 @@ def export_cmd(
     with _errors(EXPORT_ERRORS):
         from export.bundle import export_bundle
         from export.inputs import check_fits, test_batches
-        from pfp.pipeline import load_data
+        from pfp.setup import load_data
         from pfp.serialization import CheckpointError, load_model
         from pfp.models import build_model
 
@@ -96,7 +96,7 @@ def export_cmd(
         cfg = load_run_config(config, parse_sets(set_))
         console = Console()
         _, info = load_model(model_file, build_model)
-        data = load_data(cfg, console)
+        data = load_data(cfg)
         check_fits(info["spec"], data, str(model_file))
         console.print(f"[bold]export[/] {model_file} -> {out}/model.onnx ({exporter}, opset {opset})")
         _, meta = export_bundle(model_file, out, test_batches(data), parity_samples=parity_samples,
@@ -148,10 +148,10 @@ def bench_cmd(
         calibration = None
         if "int8" in precision_list:
             from export.inputs import calibration_inputs
-            from pfp.pipeline import load_data
+            from pfp.setup import load_data
 
             cfg = load_run_config(config)
-            calibration = calibration_inputs(load_data(cfg, console), n=512, seed=cfg.seed)
+            calibration = calibration_inputs(load_data(cfg), n=512, seed=cfg.seed)
         results = bench_side_by_side(
             candidates, _split(backends, "backends"), precision_list, _split(batch, "batch", int),
             settings=settings, rounds=rounds if len(candidates) > 1 else 1, calibration=calibration,

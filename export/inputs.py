@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Subset
 
 from pfp.data import DataBundle, make_loader
-from pfp.pipeline import eval_view
+from pfp.setup import eval_view
 from pfp.serialization import CheckpointError
 
 

@@ -3,34 +3,36 @@ FLOP reductions, each point an MLflow run in one experiment, so the MLflow UI co
 (select the runs, "Compare": accuracy against flops_removed_pct per method).
 
     pfp compare [CONFIG] [--methods pfp,ft,fpgm] [--reductions 0.5,0.7]
+
+The loop is pfp.compare.compare_points, the same as the bare `pfp local compare`; here each
+point runs as a Prefect task.
 """
 from __future__ import annotations
 
 import time
 
 from prefect import flow, get_run_logger, task
-from rich.console import Console
 
-from flows.config import config_from_json, load_pipeline_config
+from flows.config import PipelineConfig, config_from_json, load_pipeline_config
 from flows.tracking import flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run
-from pfp.compare import VARIANTS, compare_point, save_compare
-from pfp.config import CompareConfig
-from pfp.pipeline import _hash, cached_setup, calibration_fingerprint
+from pfp.compare import CompareResult, ComparePoint, compare_config, compare_points, run_point, save_compare
+from pfp.files import stable_hash
+from pfp.results import RoundResult
+from pfp.setup import cached_setup
 
 POINT_METRICS = ("acc", "loss", "acc_before_retrain", "acc_change", "params", "flops", "flops_removed_pct",
                  "params_removed_pct", "achieved_keep", "reduction", "seconds")
 
 
 @task(name="compare-point")
-def point_task(config: dict, method: str, reduction: float, label: str, shared: bool = True) -> dict:
-    cfg = config_from_json(config)
-    return compare_point(cached_setup(cfg, progress=False), cfg, method, reduction, console=Console(),
-                         progress=False, label=label, shared=shared)
+def point_task(cfg: PipelineConfig, point: ComparePoint) -> RoundResult:
+    """One comparison point (pfp.compare.run_point) on this process's Setup of `cfg`."""
+    return run_point(cached_setup(cfg, progress=False), point, progress=False)
 
 
 @flow(name="pfp-compare", log_prints=False)
 def compare_flow(config: dict | None = None, config_path: str | None = None, methods: list[str] | None = None,
-                 reductions: list[float] | None = None) -> list[dict]:
+                 reductions: list[float] | None = None) -> list[RoundResult]:
     """Every (method, reduction) point as a task and an MLflow run in the config's experiment.
 
     The config is a plain dict, or a YAML file (`config_path`, as deployments pass it).
@@ -42,33 +44,29 @@ def compare_flow(config: dict | None = None, config_path: str | None = None, met
         config = cfg.model_dump(mode="json")
     else:
         cfg = config_from_json(config)
-    cc = CompareConfig(methods=methods or cfg.compare.methods, reductions=reductions or cfg.compare.reductions,
-                       postprocess=cfg.compare.postprocess)
+    cc = compare_config(cfg, methods or None, reductions or None)
     logger = get_run_logger()
     setup_mlflow(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir), f"{cfg.experiment_name}-compare")
     start = time.perf_counter()
     setup = cached_setup(cfg, progress=False)
-    fp = calibration_fingerprint(setup)
-    tags = run_tags(_hash(config), fp["data_hash"]) | {"pfp.flow": "compare"}
-    rows = []
-    variants = VARIANTS[cc.postprocess]
-    total = len(cc.methods) * len(cc.reductions) * len(variants)
-    for method, shared, red in ((m, v, r) for m in cc.methods for v in variants for r in cc.reductions):
-        n = len(rows) + 1
-        row = point_task(config, method, red, f"[{n}/{total}]", shared)
-        rows.append(row)
-        pp = "shared" if shared else "plain"
-        with tracked_run(f"{method}{' + BN/refit' if shared else ''} -{red:.0%} FLOPs",
-                         tags=tags | {"pfp.method": method, "pfp.postprocess": pp},
-                         params=flatten_params({"method": method, "reduction": red, "postprocess": pp, **config})):
-            log_metrics_at({k: row.get(k) for k in POINT_METRICS} | {"base_acc": setup.acc})
-            if row.get("error"):
-                mlflow.set_tag("pfp.error", row["error"][:5000])
-                logger.warning(f"{method} at -{red:.0%} FLOPs failed: {row['error']}")
+    base = setup.base_info()
+    result = CompareResult(name=cfg.name, base=base, rows=[], seconds=0.0, retrain_epochs=cfg.retrain.epochs,
+                           tolerance=cfg.prune.tolerance, out=setup.run_dir / "compare", config=cfg.model_dump())
+    tags = run_tags(stable_hash(config), base.data_hash) | {"pfp.flow": "compare"}
+    for point, row in compare_points(cc, lambda p: point_task(cfg, p)):
+        result.rows.append(row)
+        with tracked_run(f"{point.title} -{point.reduction:.0%} FLOPs",
+                         tags=tags | {"pfp.method": point.method, "pfp.postprocess": point.postprocess},
+                         params=flatten_params({"method": point.method, "reduction": point.reduction,
+                                                "postprocess": point.postprocess, **config})):
+            log_metrics_at({k: getattr(row, k) for k in POINT_METRICS} | {"base_acc": base.acc})
+            if not row.ok:
+                mlflow.set_tag("pfp.error", row.error[:5000])
+                logger.warning(f"{point.method} at -{point.reduction:.0%} FLOPs failed: {row.error}")
             else:
-                mlflow.log_artifact(row["report_path"], "report")
-    out = setup.run_dir / "compare"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = save_compare(rows, setup, cfg, out, time.perf_counter() - start)
-    logger.info(f"compared {len(rows)} points; wrote {paths['json']}, {paths['csv']}, {paths['png']}")
-    return rows
+                mlflow.log_artifact(row.report_path, "report")
+    result.out.mkdir(parents=True, exist_ok=True)
+    result.seconds = time.perf_counter() - start
+    paths = save_compare(result)
+    logger.info(f"compared {len(result.rows)} points; wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    return result.rows

@@ -30,7 +30,8 @@ from flows.tracking import (
     tracked_run,
 )
 from pfp.files import write_text_atomic
-from pfp.pipeline import _hash, choose
+from pfp.cascade import choose
+from pfp.files import stable_hash as _hash
 from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
 
 ITERATION_METRICS = (

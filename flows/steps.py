@@ -1,14 +1,12 @@
-"""The library functions the flows' tasks wrap: each takes and returns plain data and file
-paths (never modules), so a task can run in the flow's process or on a work pool's worker.
+"""The library functions the flows' tasks wrap: each takes and returns plain data, typed
+results and file paths (never modules), so a task can run in the flow's process or on a
+work pool's worker.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
-
-from rich.console import Console
 
 from export.bundle import export_bundle, read_meta
 from export.efficiency import Candidate, bench_side_by_side, efficiency_rows
@@ -17,46 +15,34 @@ from export.inputs import calibration_inputs, test_batches
 from export.latency import LatencySettings
 from export.onnx_export import sha256_file
 from flows.config import PipelineConfig, TargetConfig
-from pfp.pipeline import _error_row, cached_setup, calibration_fingerprint, run_iteration
 from pfp.prune import PruneError
+from pfp.results import BaseInfo, RoundResult
+from pfp.rounds import RoundSpec, run_round
+from pfp.setup import cached_setup
 
 
-def calibrate(cfg: PipelineConfig, *, console: Console | None = None, progress: bool = True) -> dict:
+def calibrate(cfg: PipelineConfig, *, progress: bool = True) -> BaseInfo:
     """Data, the trained base model (trained, reused or loaded) and the calibration set S."""
     start = time.perf_counter()
-    setup = cached_setup(cfg, console=console, progress=progress)
-    return {
-        "base_path": str(setup.base_path), "run_dir": str(setup.run_dir),
-        "acc": setup.acc, "loss": setup.loss, "params": setup.params, "flops": setup.flops,
-        "trained_now": setup.trained_now, **calibration_fingerprint(setup),
-        "seconds": time.perf_counter() - start,
-    }
+    setup = cached_setup(cfg, progress=progress)
+    return setup.base_info(seconds=time.perf_counter() - start)
 
 
-def iterate(cfg: PipelineConfig, index: int, parent: str | None, *, console: Console | None = None,
-            progress: bool = True) -> dict:
+def iterate(cfg: PipelineConfig, index: int, parent: str | None, *, progress: bool = True) -> RoundResult:
     """Cascade round `index`: prune `parent` (None: base), retrain, evaluate (resumable).
 
-    A target pruning cannot reach (PruneError) comes back as a row with its `error`, as in
-    `pfp.pipeline.run_cascade`: the cascade stops there and keeps the rounds before it.
+    The same `pfp.rounds.run_round` as `pfp.cascade.run_cascade`; a target pruning cannot
+    reach (PruneError) comes back as a row with its `error`: the cascade stops there and
+    keeps the rounds before it. `progress`: retraining progress bars.
     """
     start = time.perf_counter()
+    setup = cached_setup(cfg, progress=progress)
+    spec = RoundSpec.cascade(cfg, index, setup.run_dir)
     try:
-        row = run_iteration(cfg, index, parent, console=console, progress=progress)
+        row = run_round(setup, spec, parent, progress=progress)
     except PruneError as e:
-        pc = cfg.prune
-        return _error_row(pc.method, pc.target, pc.keep_ratios[index], e) | {
-            "round": index + 1, "task_seconds": time.perf_counter() - start}
-    report = json.loads(Path(row["report_path"]).read_text()) if Path(row["report_path"]).is_file() else {}
-    # measured first: the worst consumer's relative pre-activation error on held-out points
-    measured = report.get("guarantee") or []
-    row["preact_err_p95_max"] = max((m["rel_p95"] for m in measured), default=None)
-    row["preact_eps99_max"] = max((m["eps99"] for m in measured), default=None)
-    coverage = [layer["coverage"] for layer in report.get("layers", []) if layer.get("coverage") is not None]
-    row["coverage_min"] = min(coverage) if coverage else None
-    row["coverage_mean"] = sum(coverage) / len(coverage) if coverage else None
-    row["task_seconds"] = time.perf_counter() - start
-    return row
+        row = RoundResult.failed(spec.prune.method, spec.prune.target, spec.keep_ratio, e, round=spec.round)
+    return row.model_copy(update={"task_seconds": time.perf_counter() - start})
 
 
 def export_model(cfg: PipelineConfig, model_path: str, out_dir: str) -> dict:

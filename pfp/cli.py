@@ -124,6 +124,28 @@ def _errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+@contextlib.contextmanager
+def _library_logs(show: bool = True) -> Iterator[None]:
+    """The pfp loggers' INFO lines on this command's stdout (WARNING and up only when not `show`).
+
+    Interim: the CLI rewrite renders the project's loggers with rich.logging.RichHandler instead.
+    """
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("pfp")
+    level = logger.level
+    logger.setLevel(logging.INFO if show else logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def parse_sets(items: list[str] | None) -> dict:
     """["a.b=1", "c=[0.5, 0.3]"] -> {"a.b": 1, "c": [0.5, 0.3]} (values parsed with yaml.safe_load)."""
     out: dict = {}
@@ -147,13 +169,13 @@ def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConf
 
 
 def _check_model_name(name: str) -> None:
-    from pfp.models import TV_PREFIX, _unknown, available_models
+    from pfp.models import TV_PREFIX, unknown_model_error, available_models
 
     names = available_models()
     key = name.strip()
     ok = (TV_PREFIX + key[len(TV_PREFIX):]) in names if key.lower().startswith(TV_PREFIX) else key.lower() in names
     if not ok:
-        raise _unknown(key)
+        raise unknown_model_error(key)
 
 
 def _split(value: str | None, what: str, cast=str) -> list | None:
@@ -175,11 +197,13 @@ def _split(value: str | None, what: str, cast=str) -> list | None:
 def run(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = True) -> None:
     """Prune-and-retrain cascade: train (or reuse) the base model, prune to each keep ratio, choose."""
     with _errors():
-        from pfp.pipeline import run_cascade
+        from pfp.cascade import run_cascade, summary_table
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
-        run_cascade(cfg, console=Console(), progress=progress)
+        with _library_logs():
+            result = run_cascade(cfg, progress=progress)
+        Console().print(summary_table(result))
 
 
 @app.command()
@@ -194,13 +218,14 @@ def compare(
 ) -> None:
     """Several pruning methods side by side: same base model, FLOP targets and retraining budget."""
     with _errors():
-        from pfp.compare import run_compare
+        from pfp.compare import run_compare, summary_table
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
-        run_compare(
-            cfg, _split(methods, "methods"), _split(reductions, "reductions", float), console=Console(), progress=progress
-        )
+        with _library_logs():
+            result = run_compare(cfg, _split(methods, "methods"), _split(reductions, "reductions", float),
+                                 progress=progress)
+        Console().print(summary_table(result))
 
 
 @app.command("train")
@@ -208,13 +233,14 @@ def train_cmd(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressO
     """Train the unpruned model and save it as output_dir/<name>/base.pt (works under torchrun)."""
     with _errors():
         from pfp.distributed import cleanup, init_distributed
-        from pfp.pipeline import run_train
+        from pfp.setup import run_train
 
         cfg = load_run_config(config, parse_sets(set_))
         _check_model_name(cfg.model.name)
         rank, world, _ = init_distributed()
         try:
-            run_train(cfg, console=Console(quiet=rank != 0), progress=progress, distributed=world > 1)
+            with _library_logs(show=rank == 0):
+                run_train(cfg, progress=progress, distributed=world > 1)
         finally:
             cleanup()
 
@@ -237,7 +263,7 @@ def prune_cmd(
     with _errors():
         import torch
 
-        from pfp.pipeline import calibration_loaders, load_checkpoint_for, load_data, split_training
+        from pfp.setup import calibration_loaders, load_checkpoint_for, load_data, split_training
         from pfp.prune import prune
         from pfp.serialization import save_model
         from pfp.data import make_loader
@@ -254,7 +280,8 @@ def prune_cmd(
         console = Console()
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
-        data = load_data(cfg, console)
+        with _library_logs():
+            data = load_data(cfg)
         example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
         model, info, _ = load_checkpoint_for(checkpoint, data, example)
         reference = None
@@ -266,7 +293,7 @@ def prune_cmd(
         model.to(device)
         example = example.to(device)
         _, held_out = split_training(cfg, data.train)
-        cal = calibration_loaders(cfg, data, model, example, console, pool=held_out)
+        cal = calibration_loaders(cfg, data, model, example, pool=held_out)
         test_loader = make_loader(data.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers)
         before = evaluate(model, test_loader, device)["acc"] if evaluate_ else None
         console.print(f"[bold]prune[/] {checkpoint}: {cfg.prune.method}, keep {keep:.0%} of the {cfg.prune.target}, |S| = {cal.calib_size}")
@@ -279,7 +306,7 @@ def prune_cmd(
             pruned, report = soft.finalize(pruned)
         pruned.to(device)
         after = evaluate(pruned, test_loader, device)["acc"] if evaluate_ else None
-        report.print_table(console)
+        console.print(report.summary())
         meta = {
             "source": str(checkpoint), "keep_ratio": keep, "acc_before_prune": before,
             "acc_before_retrain": after, "report": report.to_dict(),
@@ -295,11 +322,11 @@ def prune_cmd(
 @app.command()
 def models() -> None:
     """List the model names that configs accept (model.name)."""
-    from pfp.models import TV_PREFIX, _OURS, available_models
+    from pfp.models import TV_PREFIX, OUR_MODELS, available_models
 
     console = Console()
     console.print("[bold]ours[/] (sized for the data set's images):")
-    for name in _OURS:
+    for name in OUR_MODELS:
         console.print(f"  {name}", highlight=False)
     tv = [n for n in available_models() if n.startswith(TV_PREFIX)]
     console.print(f"[bold]torchvision[/] ({len(tv)}, untrained, first conv adapted to the data's channels):")

@@ -16,11 +16,16 @@ class ConfigError(ValueError):
     """A config file that cannot be read or does not validate."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+_Strict = StrictModel  # alias for callers not yet migrated
+
+
+class DataConfig(StrictModel):
     name: Literal["fashion_mnist", "cifar10", "imagefolder", "imagenet", "synthetic"] = "fashion_mnist"
     root: str | None = Field(None, description="folder holding the data set; None looks in the usual places")
     input_size: int | None = Field(None, ge=8, description="resize images to this side; None keeps the native size")
@@ -39,14 +44,14 @@ class DataConfig(_Strict):
     limit_test: int | None = Field(None, ge=1, description="use only the first N test images (quick runs)")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     name: str = "lenet5"
     pretrained_checkpoint: str | None = Field(
         None, description="start from this trained checkpoint instead of training from scratch"
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=0)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -81,7 +86,7 @@ def _check_method(name: str) -> str:
     return name
 
 
-class PruneConfig(_Strict):
+class PruneConfig(StrictModel):
     method: str = Field("pfp", description="a name in pfp.methods' registry (pfp compare lists them)")
     target: Literal["flops", "params"] = "flops"
     keep_ratios: list[float] = Field(
@@ -149,7 +154,7 @@ class PruneConfig(_Strict):
         return v
 
 
-class CompareConfig(_Strict):
+class CompareConfig(StrictModel):
     methods: list[str] = Field(
         default_factory=known_methods
     )
@@ -177,7 +182,7 @@ class CompareConfig(_Strict):
         return v
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     name: str = "run"
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
@@ -199,7 +204,8 @@ class RunConfig(_Strict):
 C = TypeVar("C", bound=RunConfig)
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line for a pydantic error: `source: field 'a.b': message` (plus how many more)."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"]
@@ -244,4 +250,7 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None =
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+_format_error = format_validation_error  # alias for callers not yet migrated

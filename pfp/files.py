@@ -1,5 +1,5 @@
-"""File helpers: content hashes, and atomic writes (a file is either the old one or the
-complete new one, never half).
+"""File helpers: content hashes, stable hashes of plain data, JSON files and atomic writes
+(a file is either the old one or the complete new one, never half).
 
 Everything is written to a uniquely named temporary file in the destination's folder (so
 the final os.replace is a rename on one file system), flushed to disk, then renamed. The
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _fsync_path(path: Path) -> None:
@@ -21,7 +22,7 @@ def _fsync_path(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Persist a rename; not every platform lets a folder be opened, so best effort."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -33,6 +34,9 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir  # alias for callers not yet migrated
 
 
 @contextlib.contextmanager
@@ -47,7 +51,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         _fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -71,3 +75,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    """A short sha256 of plain data (keys sorted): the same inputs give the same key in every process."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """`obj` as indented JSON at `path`, atomically (non-JSON values written with str)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object in `path`; None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

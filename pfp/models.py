@@ -11,7 +11,7 @@ import difflib
 import torch
 import torch.nn as nn
 
-__all__ = ["build_model", "available_models", "LeNet5", "LeNet300100", "CifarResNet", "BasicBlock", "VGG"]
+__all__ = ["build_model", "available_models", "unknown_model_error", "OUR_MODELS", "LeNet5", "LeNet300100", "CifarResNet", "BasicBlock", "VGG"]
 
 TV_PREFIX = "tv:"
 
@@ -172,7 +172,8 @@ class VGG(nn.Module):
 
 VGG_SMALL_CFG: list[int | str] = [32, 32, "M", 64, 64, "M", 128, 128, "M"]  # VGG-style, CPU-sized
 
-_OURS = {
+# Our architectures by config name: (num_classes, in_channels, input_size) -> model.
+OUR_MODELS = {
     "lenet5": lambda k, c, s: LeNet5(k, c, s),
     "lenet300_100": lambda k, c, s: LeNet300100(k, c, s),
     "resnet20": lambda k, c, s: CifarResNet(20, k, c),
@@ -192,13 +193,14 @@ def _tv_names() -> list[str]:
 
 def available_models() -> list[str]:
     """Names build_model accepts: ours, then "tv:" + every torchvision classification model."""
-    return list(_OURS) + [TV_PREFIX + n for n in _tv_names()]
+    return list(OUR_MODELS) + [TV_PREFIX + n for n in _tv_names()]
 
 
-def _unknown(name: str) -> ValueError:
+def unknown_model_error(name: str) -> ValueError:
+    """The error for a model name build_model does not know, with the closest names."""
     close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown model {name!r}{hint} (ours: {', '.join(_OURS)}; or tv:<torchvision name>)")
+    return ValueError(f"unknown model {name!r}{hint} (ours: {', '.join(OUR_MODELS)}; or tv:<torchvision name>)")
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -220,7 +222,7 @@ def _build_tv(name: str, num_classes: int, in_channels: int, input_size: int) ->
     import torchvision.models as tvm
 
     if name not in _tv_names():
-        raise _unknown(TV_PREFIX + name)
+        raise unknown_model_error(TV_PREFIX + name)
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     # Families whose constructor needs to know the input, or returns aux outputs in train mode.
     if name in ("googlenet", "inception_v3"):
@@ -246,6 +248,6 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_si
     key = name.strip()
     if key.lower().startswith(TV_PREFIX):
         return _build_tv(key[len(TV_PREFIX) :], num_classes, in_channels, input_size)
-    if key.lower() in _OURS:
-        return _OURS[key.lower()](num_classes, in_channels, input_size)
-    raise _unknown(key)
+    if key.lower() in OUR_MODELS:
+        return OUR_MODELS[key.lower()](num_classes, in_channels, input_size)
+    raise unknown_model_error(key)

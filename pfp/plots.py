@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from pfp.results import RoundResult
+
 
 def new_axes():
     """A figure and axes on the file-only Agg backend (no display on servers)."""
@@ -28,23 +30,23 @@ def save_figure(fig, ax, path: Path, **legend) -> Path:
 
 
 def plot_accuracy_vs_flops(
-    name: str, base_acc: float, rows: Sequence[dict], tolerance: float, chosen: int | None, path: Path
+    name: str, base_acc: float, rows: Sequence[RoundResult], tolerance: float, chosen: int | None, path: Path
 ) -> Path:
     """Test accuracy after (and before) retraining against the share of FLOPs kept."""
-    ok = [r for r in rows if not r.get("error")]
-    xs = [100.0] + [100.0 - r["flops_removed_pct"] for r in ok]
+    ok = [r for r in rows if r.ok]
+    xs = [100.0] + [100.0 - r.flops_removed_pct for r in ok]
     fig, ax = new_axes()
-    ax.plot(xs, [base_acc] + [r["acc"] for r in ok], "o-", label="after retraining")
+    ax.plot(xs, [base_acc] + [r.acc for r in ok], "o-", label="after retraining")
     if ok:
-        ax.plot(xs[1:], [r["acc_before_retrain"] for r in ok], "x--", color="gray", alpha=0.7, label="before retraining")
+        ax.plot(xs[1:], [r.acc_before_retrain for r in ok], "x--", color="gray", alpha=0.7, label="before retraining")
     ax.axhline(base_acc, color="black", ls=":", lw=1, label=f"unpruned {base_acc:.2f}%")
     ax.axhline(base_acc - tolerance, color="red", ls=":", lw=1, label=f"tolerance -{tolerance:g}")
     if chosen is not None:
         r = rows[chosen]
-        ax.plot([100.0 - r["flops_removed_pct"]], [r["acc"]], "*", ms=16, color="gold", mec="black", label="chosen")
+        ax.plot([100.0 - r.flops_removed_pct], [r.acc], "*", ms=16, color="gold", mec="black", label="chosen")
     ax.set_xlabel("FLOPs kept (% of unpruned)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{name}: {ok[0]['method'] if ok else ''} cascade")
+    ax.set_title(f"{name}: {ok[0].method if ok else ''} cascade")
     ax.invert_xaxis()
     return save_figure(fig, ax, path)
 

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,9 @@ from .methods import ScoreRequest, get_method
 from .postprocess import postprocess
 from .probe import OutputProbe
 from .resources import ResourceModel, count_flops, count_params
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +84,13 @@ class PruneReport:
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
         os.replace(tmp, path)
 
-    def print_table(self, console=None) -> None:
-        from rich.console import Console
+    def summary(self) -> "Group":
+        """The report for people: the per-layer budget, the measured guarantee, the totals (rich renderables)."""
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        console = console or Console()
+        parts: list = []
         t = Table(title=f"{self.method}: per-layer budget ({self.allocation or '-'} allocation)")
         for col in ("layer", "kept/total", "eps_l", "m", "S_g"):
             t.add_column(col, justify="right" if col != "layer" else "left")
@@ -96,7 +102,7 @@ class PruneReport:
                 "-" if row.get("m") is None else f"{row['m']:.3g}",
                 "-" if row.get("S") is None else f"{row['S']:.3g}",
             )
-        console.print(t)
+        parts.append(t)
         if self.guarantee:
             g = Table(title=f"measured on held-out points: relative pre-activation error per consumer "
                             f"(delta={self.delta if self.delta else '-'})")
@@ -106,18 +112,19 @@ class PruneReport:
                 g.add_row(r["name"], f"{r['rel_p50']:.3g}", f"{r['rel_p95']:.3g}", f"{r['rel_max']:.3g}",
                           f"{r['eps95']:.3g}", f"{r['eps99']:.3g}", "-" if r["eps"] is None else f"{r['eps']:.3g}",
                           "-" if r["inside_eps"] is None else f"{100 * r['inside_eps']:.1f}%")
-            console.print(g)
+            parts.append(g)
         if self.postprocess and self.postprocess.get("order"):
             pp = self.postprocess
             errs = ", ".join(f"{k} {v:.3g}" for k, v in pp.get("output_error", {}).items())
-            console.print(f"post-processing: {pp['order']}" + (f" (relative output error: {errs})" if errs else ""))
-        console.print(
+            parts.append(Text(f"post-processing: {pp['order']}" + (f" (relative output error: {errs})" if errs else "")))
+        parts.append(Text(
             f"params {self.params:,} ({100 * (1 - self.params / self.original_params):.1f}% removed), "
             f"FLOPs {self.flops:,} ({100 * (1 - self.flops / self.original_flops):.1f}% removed), "
             f"target {self.target} {self.target_value:,.0f} (off by {100 * (self.achieved / self.target_value - 1):+.2f}%)"
-        )
+        ))
         for name, why in self.skipped:
-            console.print(f"[yellow]not pruned: {name}: {why}[/yellow]")
+            parts.append(Text(f"not pruned: {name}: {why}", style="yellow"))
+        return Group(*parts)
 
 
 def calibration_size(model: nn.Module, example_input: torch.Tensor, delta: float) -> int:
@@ -134,7 +141,7 @@ def calibration_size(model: nn.Module, example_input: torch.Tensor, delta: float
 
 
 # ----------------------------------------------------------------------------- selection
-def _randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample m' channels with replacement from p so that E[#distinct] = k; keep the distinct.
 
     Returns kept channels and the weight scale count_j / (m' p_j) of each.
@@ -163,7 +170,7 @@ def _randomized(s: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Te
     return kept, scale
 
 
-def _reweight(g: ChannelGroup, kept: torch.Tensor, scale: torch.Tensor) -> None:
+def reweight_consumers(g: ChannelGroup, kept: torch.Tensor, scale: torch.Tensor) -> None:
     """Scale consumer weights of kept channel j by count_j / (m' p_j) (unbiased estimator)."""
     per_channel = torch.zeros(g.size, dtype=torch.float64)
     per_channel[kept] = scale
@@ -244,7 +251,7 @@ def _select(groups: list[ChannelGroup], counts: list[int], scores: dict[int, tor
     for g, k in zip(groups, counts):
         s = scores[g.gid].double()
         if randomized and k < g.size and s.sum() > 0:
-            keep[g.gid], weight_scale[g.gid] = _randomized(s, k, gen)
+            keep[g.gid], weight_scale[g.gid] = sample_randomized(s, k, gen)
         else:
             keep[g.gid] = torch.topk(s, k).indices.sort().values
     return keep, weight_scale
@@ -357,7 +364,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         return model, report, soft
     kept_in, kept_out = kept_indices(groups, keep)
     for gid, scl in weight_scale.items():
-        _reweight(next(g for g in groups if g.gid == gid), keep[gid], scl)
+        reweight_consumers(next(g for g in groups if g.gid == gid), keep[gid], scl)
     graph.prune(keep)
     try:
         with torch.no_grad():

@@ -22,6 +22,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def format_count(n: float) -> str:
+    """A parameter or FLOP count for people: 1.23M, 45.60K, 812."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{int(n)}"
+
+
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass on example_input (batch 1 expected), torch's counter."""
     with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -60,7 +60,11 @@ class RoundResult(_Result):
     coverage_min: float | None = None
     coverage_mean: float | None = None
     task_seconds: float | None = None
-    reused: bool = False
+    # a comparison point: the share of the target resource removed, and "plain" or "shared"
+    # (with the post-processing every method may have)
+    reduction: float | None = None
+    postprocess: str | None = None
+    reused: bool = False  # found finished on disk, not recomputed
     error: str | None = None
 
     @property

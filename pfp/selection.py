@@ -19,7 +19,7 @@ from .grams import Gram
 from .groups import ChannelGroup
 
 
-class _Elimination:
+class Elimination:
     """One consumer's least-squares state over the input channels of one group."""
 
     def __init__(self, G: torch.Tensor, B: torch.Tensor, yy: float, k: int, pairs: torch.Tensor, ridge: float):
@@ -78,7 +78,7 @@ def refit_ranking(groups: list[ChannelGroup], scores: dict[int, torch.Tensor], g
         for name in dict.fromkeys(c.name for c in g.consumers):
             pairs = torch.cat([torch.stack([c.in_idxs, c.root_idxs], 1) for c in g.consumers if c.name == name])
             gr = grams[name]
-            states.append(_Elimination(gr.G, gr.B, gr.yy, gr.kernel, pairs, ridge))
+            states.append(Elimination(gr.G, gr.B, gr.yy, gr.kernel, pairs, ridge))
         if any(len(s.pos) != g.size for s in states):
             continue
         tie = scores[g.gid].double()

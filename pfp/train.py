@@ -9,6 +9,7 @@ when the process was started by torchrun.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import random
 import sys
@@ -27,10 +28,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from pfp.config import TrainConfig
-from pfp.distributed import is_distributed, is_main_process
+from pfp.distributed import barrier, is_distributed, is_main_process
+from pfp.files import read_json, write_json
 from pfp.serialization import CheckpointError, atomic_torch_save, describe_load_error, unwrap_model
 
 CHECKPOINT_FORMAT = "pfp-train/1"
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- setup
@@ -63,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _enabled(flag: str, device: torch.device) -> bool:
+def switch_enabled(flag: str, device: torch.device) -> bool:
     """Resolve an "auto"/"on"/"off" switch: "auto" means on for CUDA only."""
     return flag == "on" or (flag == "auto" and device.type == "cuda")
 
@@ -275,6 +279,29 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler)
     return epoch + 1, history
 
 
+# --------------------------------------------------------------------------- checkpoints owned by a key
+
+
+def claim_checkpoint(path: Path, key: str) -> Path:
+    """`path` as the resumable checkpoint of the run identified by `key`: one left by a run
+    with another key is removed (a stamp file beside it holds the key)."""
+    stamp = path.with_name(path.name + ".json")
+    if is_main_process():
+        old = read_json(stamp)
+        if path.exists() and (old is None or old.get("hash") != key):
+            path.unlink()
+        write_json(stamp, {"hash": key})
+    barrier()  # other ranks look for the checkpoint only after a stale one is gone
+    return path
+
+
+def drop_checkpoint(path: Path) -> None:
+    """Remove a finished run's checkpoint and its key stamp."""
+    if is_main_process():
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".json").unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -351,7 +378,7 @@ def train(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    log: Callable[[EpochStats], None] | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for cfg.epochs epochs and evaluate it after each one.
 
@@ -360,14 +387,15 @@ def train(
     atomically writes a resumable checkpoint after every epoch; `resume=True` continues
     from it when it exists. When torch.distributed runs with several processes, an
     unwrapped model is trained through DistributedDataParallel (the loaders, with their
-    DistributedSamplers, are the caller's). `log` (rank 0 only) replaces the per-epoch
-    print. cfg.epochs == 0 only evaluates.
+    DistributedSamplers, are the caller's). Rank 0 logs one INFO line per epoch and then
+    calls `on_epoch` (after that epoch's checkpoint is written). `progress`: a tqdm bar per
+    epoch when stderr is a terminal. cfg.epochs == 0 only evaluates.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # DDP needs an explicit index
-    use_amp = _enabled(cfg.amp, device)
-    use_channels_last = _enabled(cfg.channels_last, device)
+    use_amp = switch_enabled(cfg.amp, device)
+    use_channels_last = switch_enabled(cfg.channels_last, device)
     raw = unwrap_model(model)
     raw.to(device)
     if use_channels_last:
@@ -411,10 +439,9 @@ def train(
         if ckpt_path is not None and is_main_process():
             _save_checkpoint(ckpt_path, epoch, raw, optimizer, scheduler, scaler, history, cfg)
         if is_main_process():
-            if log is not None:
-                log(stats)
-            else:
-                print(stats.summary(cfg.epochs), flush=True)
+            log.info("%s", stats.summary(cfg.epochs))
+            if on_epoch is not None:
+                on_epoch(stats)
 
     if train_model is not model:
         del train_model  # drop DDP's hooks and buckets; the caller keeps the plain model

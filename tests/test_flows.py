@@ -175,7 +175,7 @@ def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
 
     cfg = config_from_json(tiny(tmp_path))
     rows = compare_flow(cfg.model_dump(mode="json"), methods=["pfp", "ft"], reductions=[0.5])
-    assert len(rows) == 4 and all(r.get("error") is None for r in rows)  # each method plain and post-processed
+    assert len(rows) == 4 and all(r.error is None for r in rows)  # each method plain and post-processed
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("tiny-compare")
     runs = client.search_runs([exp.experiment_id])
@@ -200,7 +200,7 @@ def test_crash_and_resume(tmp_path):
             f"compress_flow(config_path={str(cfg_path)!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done1 = tmp_path / "runs" / "tiny" / "round_1" / "done.json"
+    done1 = tmp_path / "runs" / "tiny" / "round_1" / "model.pt"  # written last: the round is finished
     ckpt2 = tmp_path / "runs" / "tiny" / "round_2" / "retrain.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and not (done1.exists() and ckpt2.exists()) and proc.poll() is None:

@@ -133,14 +133,14 @@ def _two_conv(dup: tuple[int, int]) -> torch.nn.Module:
 
 def test_elimination_rise_is_the_least_squares_residual_rise():
     from pfp.grams import Gram
-    from pfp.selection import _Elimination
+    from pfp.selection import Elimination
 
     torch.manual_seed(0)
     X = torch.randn(400, 12, dtype=torch.float64)  # 4 channels x 3 kernel offsets
     W = torch.randn(12, 5, dtype=torch.float64)
     Y = X @ W + 0.1 * torch.randn(400, 5, dtype=torch.float64)
     gr = Gram(X.t() @ X, X.t() @ Y, float(Y.pow(2).sum()), 3, 400)
-    st = _Elimination(gr.G, gr.B, gr.yy, 3, torch.tensor([[i, i] for i in range(4)]), ridge=0.0)
+    st = Elimination(gr.G, gr.B, gr.yy, 3, torch.tensor([[i, i] for i in range(4)]), ridge=0.0)
 
     def residual(chans):
         cols = [c * 3 + o for c in chans for o in range(3)]

@@ -17,7 +17,7 @@ from pfp.data import build_data, make_loader
 from pfp.groups import PruningGraph
 from pfp.importance import pfp_sensitivity
 from pfp.models import build_model
-from pfp.prune import PruneError, _randomized, _reweight, prune
+from pfp.prune import PruneError, sample_randomized, reweight_consumers, prune
 from pfp.resources import count_flops, count_params
 from pfp.serialization import load_model, save_model
 
@@ -331,7 +331,7 @@ def test_randomized_scale_is_unbiased(data):
     trials = 2000
     zh, zh_plain, n_kept = [], [], []
     for _ in range(trials):
-        kept, scale = _randomized(s, k, gen)
+        kept, scale = sample_randomized(s, k, gen)
         assert (scale > 0).all()
         zh.append((a[:, kept] * scale.float()) @ w[:, kept].t())
         zh_plain.append(a[:, kept] @ w[:, kept].t())
@@ -354,7 +354,7 @@ def test_reweight_scales_consumer_columns():
     w0 = model.fc2.weight.detach().clone()
     kept = torch.tensor([1, 4, 7])
     scale = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
-    _reweight(g, kept, scale)
+    reweight_consumers(g, kept, scale)
     w = model.fc2.weight.detach()
     torch.testing.assert_close(w[:, kept], w0[:, kept] * scale.float())
     others = torch.ones(12, dtype=torch.bool)
@@ -398,7 +398,7 @@ def test_randomized_keep_all_positive_channels_does_not_explode(monkeypatch):
 
     monkeypatch.setattr(torch, "multinomial", guarded)
     s = torch.tensor([1.0, 1.0, 1e-12, 0.0], dtype=torch.float64)
-    kept, scale = _randomized(s, 3, torch.Generator().manual_seed(0))
+    kept, scale = sample_randomized(s, 3, torch.Generator().manual_seed(0))
     assert kept.tolist() == [0, 1, 2]
     torch.testing.assert_close(scale, torch.ones(3, dtype=torch.float64), atol=0.05, rtol=0)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -86,7 +87,7 @@ def test_training_learns_the_task():
     before = evaluate(model, test_loader, "cpu")
     lines: list[EpochStats] = []
     result = train(model, train_loader, test_loader, cfg(epochs=3, label_smoothing=0.1), "cpu",
-                   progress=False, log=lines.append)
+                   progress=False, on_epoch=lines.append)
     assert isinstance(result, TrainResult)
     assert before["acc"] < 60  # chance is 25%: the test can only pass by learning
     assert [h.epoch for h in result.history] == [0, 1, 2] == [s.epoch for s in lines]
@@ -107,7 +108,7 @@ def test_grad_clip_and_nesterov_and_amp_on_cpu_run():
     # amp "on" on CPU autocasts to bfloat16 (no GradScaler); channels_last "on" too.
     result = train(model, train_loader, test_loader,
                    cfg(epochs=1, grad_clip=1.0, nesterov=True, amp="on", channels_last="on"), "cpu",
-                   progress=False, log=lambda s: None)
+                   progress=False, on_epoch=lambda s: None)
     assert len(result.history) == 1 and math.isfinite(result.final["loss"])
 
 
@@ -122,12 +123,13 @@ def test_zero_epochs_only_evaluates():
     assert all(torch.equal(a, b) for a, b in zip(w, model.parameters()))
 
 
-def test_default_log_prints_one_line_per_epoch(capsys):
+def test_logs_one_info_line_per_epoch(caplog):
     seed_everything(0)
     train_loader, test_loader = loaders()
-    train(tiny_cnn(), train_loader, test_loader, cfg(epochs=2), "cpu", progress=False)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
-    assert len(lines) == 2 and lines[1].startswith("epoch 2/2")
+    with caplog.at_level(logging.INFO, logger="pfp.train"):
+        train(tiny_cnn(), train_loader, test_loader, cfg(epochs=2), "cpu", progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pfp.train" and r.levelno == logging.INFO]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2") and lines[1].startswith("epoch 2/2")
 
 
 # --------------------------------------------------------------------------- optimizer / schedule
@@ -214,7 +216,7 @@ def test_epoch_callbacks_run_once_per_epoch_before_evaluation():
             m[0].weight[0].zero_()
 
     train(model, RecordingLoader(train_loader, events, "train"), RecordingLoader(test_loader, events, "eval"),
-          cfg(epochs=2), "cpu", epoch_callbacks=[callback], progress=False, log=lambda s: None)
+          cfg(epochs=2), "cpu", epoch_callbacks=[callback], progress=False, on_epoch=lambda s: None)
     assert events == ["train", "cb0", "eval", "train", "cb1", "eval"]
     assert model[0].weight[0].abs().sum() == 0
 
@@ -228,7 +230,7 @@ def test_checkpoint_written_every_epoch_and_readable_weights_only(tmp_path):
     path = tmp_path / "ckpt.pt"
     seen = []
     train(tiny_cnn(), train_loader, test_loader, cfg(epochs=2), "cpu", checkpoint_path=path, progress=False,
-          log=lambda s: seen.append(torch.load(path, weights_only=True)["epoch"]))
+          on_epoch=lambda s: seen.append(torch.load(path, weights_only=True)["epoch"]))
     assert seen == [0, 1]
     ckpt = torch.load(path, weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "history", "rng"} <= set(ckpt)
@@ -241,7 +243,7 @@ def test_failed_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
     train_loader, test_loader = loaders()
     path = tmp_path / "ckpt.pt"
     train(tiny_cnn(), train_loader, test_loader, cfg(epochs=1), "cpu", checkpoint_path=path, progress=False,
-          log=lambda s: None)
+          on_epoch=lambda s: None)
     good = path.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
@@ -251,7 +253,7 @@ def test_failed_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space left"):
         train(tiny_cnn(), train_loader, test_loader, cfg(epochs=2), "cpu", checkpoint_path=path, progress=False,
-              log=lambda s: None)
+              on_epoch=lambda s: None)
     monkeypatch.undo()
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
@@ -271,7 +273,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         seed_everything(0)
         train_loader, test_loader = loaders()  # shuffle=True: draws from torch's global generator
         result = train(model, train_loader, test_loader, c, "cpu", checkpoint_path=path, resume=resume,
-                       epoch_callbacks=callbacks, progress=False, log=lambda s: None)
+                       epoch_callbacks=callbacks, progress=False, on_epoch=lambda s: None)
         return model, result
 
     full_model, full = run(tmp_path / "full.pt")
@@ -299,7 +301,7 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     seed_everything(0)
     train_loader, test_loader = loaders()
     result = train(tiny_cnn(), train_loader, test_loader, cfg(epochs=1), "cpu",
-                   checkpoint_path=tmp_path / "none.pt", resume=True, progress=False, log=lambda s: None)
+                   checkpoint_path=tmp_path / "none.pt", resume=True, progress=False, on_epoch=lambda s: None)
     assert [h.epoch for h in result.history] == [0]
 
 
@@ -308,7 +310,7 @@ def test_corrupt_checkpoint_raises_clear_error(tmp_path):
     train_loader, test_loader = loaders()
     path = tmp_path / "ckpt.pt"
     train(tiny_cnn(), train_loader, test_loader, cfg(epochs=1), "cpu", checkpoint_path=path, progress=False,
-          log=lambda s: None)
+          on_epoch=lambda s: None)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as err:
@@ -327,7 +329,7 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
     train_loader, test_loader = loaders()
     path = tmp_path / "ckpt.pt"
     train(tiny_cnn(), train_loader, test_loader, cfg(epochs=1), "cpu", checkpoint_path=path, progress=False,
-          log=lambda s: None)
+          on_epoch=lambda s: None)
     wider = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4))
     with pytest.raises(CheckpointError, match=r"ckpt\.pt.*'0\.weight'"):
