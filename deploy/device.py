@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from deploy.errors import DeployError
 from deploy.repository import (
     RepositoryError, _alive, _model_dir, _read_state, _read_version_meta, activate, deactivate, install, rollback,
     safe_join,
@@ -46,7 +47,7 @@ ENV_ROOT = "PFP_DEVICE_ROOT"
 WORK_DIR = ".pfp-work"   # downloads and builds; not a model name (names start with a letter or digit)
 
 
-class DeviceError(RuntimeError):
+class DeviceError(DeployError, RuntimeError):
     """This device cannot do what was asked; one line saying why."""
 
 

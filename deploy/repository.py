@@ -57,6 +57,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deploy.errors import DeployError
 from pfp.config import _format_error
 from pfp.files import _fsync_dir, write_text_atomic
 
@@ -86,7 +87,7 @@ _MODEL_FILES = {name for name, _, _ in _PLATFORMS.values()}
 _ATOMIC_TMP_RE = re.compile(rf"\.({re.escape(CONFIG_FILE)}|{re.escape(STATE_FILE)})\.\d+\.[0-9a-f]+\.tmp")
 
 
-class RepositoryError(ValueError):
+class RepositoryError(DeployError, ValueError):
     """A repository operation that cannot be done; one line saying why."""
 
 
@@ -104,12 +105,12 @@ def validate_name(name: str, what: str) -> str:
     separators, no traversal, no absolute paths, no empty or whitespace names.
     """
     if not isinstance(name, str):
-        raise ValueError(f"{what} {name!r} is not a string")
+        raise RepositoryError(f"{what} {name!r} is not a string")
     if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ValueError(f"{what} {name!r} is not allowed: it must be one folder name, not a path")
+        raise RepositoryError(f"{what} {name!r} is not allowed: it must be one folder name, not a path")
     # fullmatch, not match + '$': '$' also matches before a trailing newline.
     if not _NAME_RE.fullmatch(name):
-        raise ValueError(f"{what} {name!r} is not allowed: it must match ^{NAME_PATTERN}$")
+        raise RepositoryError(f"{what} {name!r} is not allowed: it must match ^{NAME_PATTERN}$")
     return name
 
 
@@ -120,10 +121,10 @@ def safe_join(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
     for part in parts:
         text = os.fspath(part)
         if not text or os.path.isabs(text):
-            raise ValueError(f"path part {text!r} under {base} is empty or absolute")
+            raise RepositoryError(f"path part {text!r} under {base} is empty or absolute")
     target = base.joinpath(*parts).resolve()
     if target != base and base not in target.parents:
-        raise ValueError(f"path {os.path.join(*map(os.fspath, parts))!r} escapes the repository root {base}")
+        raise RepositoryError(f"path {os.path.join(*map(os.fspath, parts))!r} escapes the repository root {base}")
     return target
 
 
@@ -139,9 +140,9 @@ def _model_dir(root: str | os.PathLike, model_name: str) -> Path:
 def _check_version(version: Any) -> int:
     # bool is an int subclass; True would become version 1 silently.
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version {version!r} is not a positive integer (Triton needs numeric version folders)")
+        raise RepositoryError(f"version {version!r} is not a positive integer (Triton needs numeric version folders)")
     if not _VERSION_RE.fullmatch(str(version)):
-        raise ValueError(f"version {version} is too large")
+        raise RepositoryError(f"version {version} is too large")
     return version
 
 
@@ -622,7 +623,7 @@ def cleanup(
     every temporary folder or file (under the lock they can only be crash leftovers).
     Returns {"removed_versions": [...], "removed_temp": [...]}."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise ValueError(f"keep {keep!r} is not a non-negative integer")
+        raise RepositoryError(f"keep {keep!r} is not a non-negative integer")
     mdir = _model_dir(root, model_name)
     if not mdir.is_dir():
         raise RepositoryError(f"{mdir}: no model {model_name!r} in the repository")

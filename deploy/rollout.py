@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deploy.errors import DeployError
 from deploy.repository import validate_name
 from deploy.targets import DEPLOY_BACKENDS, Target
 from pfp.config import _format_error
@@ -77,7 +78,7 @@ class DeviceJob(BaseModel):
         return v
 
 
-class JobError(ValueError):
+class JobError(DeployError, ValueError):
     """A device job's parameters are not acceptable; one line naming the field."""
 
 
@@ -128,11 +129,11 @@ def plan_stages(targets: Sequence[Target], settings: RolloutSettings, only: Sequ
     chosen = list(targets)
     if only is not None:
         if not only:
-            raise ValueError("the list of devices to deploy to is empty")
+            raise JobError("the list of devices to deploy to is empty")
         names = {t.name for t in targets}
         unknown = [d for d in only if d not in names]
         if unknown:
-            raise ValueError(f"device {unknown[0]!r} is not in the targets file")
+            raise JobError(f"device {unknown[0]!r} is not in the targets file")
         chosen = [t for t in targets if t.name in set(only)]
     stages = []
     for role in settings.roles:
@@ -141,7 +142,7 @@ def plan_stages(targets: Sequence[Target], settings: RolloutSettings, only: Sequ
             n = settings.max_parallel
             stages.append(Stage(role, [members[i:i + n] for i in range(0, len(members), n)]))
     if not stages:
-        raise ValueError(f"no targets with role {' or '.join(settings.roles)} to deploy to")
+        raise JobError(f"no targets with role {' or '.join(settings.roles)} to deploy to")
     return stages
 
 

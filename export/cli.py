@@ -1,7 +1,7 @@
-"""`pfp export` and `pfp bench`, added to pfp's command line.
+"""`pfp export` and `pfp bench`: the export layer's commands.
 
-pfp itself never imports export code, so the commands that need it are registered here
-and the console script points at this module's `app` (the same Typer app, extended).
+pfp itself never imports export code, so these commands live here, in a Typer app of their
+own; the `pfp` program (flows.cli) adds them as top-level commands.
 
     pfp export MODEL --out DIR [--config CONFIG] [--backends ort-cpu,tensorrt] [--precisions fp32,fp16]
     pfp bench DIR [DIR ...] [--backends ort-cpu] [--batch 1,8,32] [--threads N] [--json FILE]
@@ -9,28 +9,15 @@ and the console script points at this module's `app` (the same Typer app, extend
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
 
-from export.backends.base import BackendUnavailable
-from pfp.cli import SetOpt, _errors, _split, load_run_config, parse_sets
-from pfp.cli import app as pfp_app
+from pfp.cli import SetOpt, load_run_config, parse_sets, split_option, user_errors
 
-
-def extend(base: typer.Typer, drop: tuple[str, ...] = ()) -> typer.Typer:
-    """A new Typer app with `base`'s settings and commands (less `drop`); `base` is unchanged."""
-    app = typer.Typer(name=base.info.name, help=base.info.help, add_completion=False, no_args_is_help=True,
-                      pretty_exceptions_enable=False)
-    app.registered_commands = [
-        c for c in base.registered_commands if (c.name or c.callback.__name__) not in drop
-    ]
-    return app
-
-
-app = extend(pfp_app)
-EXPORT_ERRORS = (BackendUnavailable,)
+# No name: the `pfp` app adds these as top-level commands (`pfp export`, `pfp bench`).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _export_extra(bundle_dir: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
@@ -75,24 +62,20 @@ def export_cmd(
     backends: Annotated[str, typer.Option(help="also build and check these backends, e.g. ort-cpu,tensorrt")] = "ort-cpu",
     precisions: Annotated[str, typer.Option(help="fp32, fp16, int8 (comma-separated)")] = "fp32",
     batch: Annotated[str, typer.Option(help="batch sizes engines are built for")] = "1,8,32",
-    parity_samples: Annotated[int, typer.Option(help="test-set samples compared against PyTorch")] = 1000,
+    parity_samples: Annotated[int, typer.Option(min=1, help="test-set samples compared against PyTorch")] = 1000,
     simplify: Annotated[bool, typer.Option(help="simplify the graph with onnxslim")] = False,
-    exporter: Annotated[str, typer.Option(help="dynamo (torch.export) or torchscript")] = "dynamo",
+    exporter: Annotated[Literal["dynamo", "torchscript"], typer.Option(help="dynamo (torch.export) or torchscript")] = "dynamo",
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
     set_: SetOpt = None,
 ) -> None:
     """Export a model to ONNX (dynamic batch), check it, and compare it with PyTorch on the test set."""
-    with _errors(EXPORT_ERRORS):
+    with user_errors():
         from export.bundle import export_bundle
         from export.inputs import check_fits, test_batches
         from pfp.setup import load_data
-        from pfp.serialization import CheckpointError, load_model
+        from pfp.serialization import load_model
         from pfp.models import build_model
 
-        if exporter not in ("dynamo", "torchscript"):
-            raise typer.BadParameter(f"--exporter {exporter!r}: dynamo or torchscript")
-        if parity_samples < 1:
-            raise CheckpointError(f"--parity-samples {parity_samples}: must be at least 1")
         cfg = load_run_config(config, parse_sets(set_))
         console = Console()
         _, info = load_model(model_file, build_model)
@@ -107,8 +90,8 @@ def export_cmd(
             f"{p['max_abs_diff']:.2e} (relative {p['max_rel_diff']:.1e}), top-1 agreement {100 * p['top1_agreement']:.2f}% on {p['samples']} test images",
             highlight=False,
         )
-        _export_extra(out, _split(backends, "backends"), _split(precisions, "precisions"),
-                      _split(batch, "batch", int), cfg, data, parity_samples, console)
+        _export_extra(out, split_option(backends, "backends"), split_option(precisions, "precisions"),
+                      split_option(batch, "batch", int), cfg, data, parity_samples, console)
         console.print(f"wrote {out}/ (model.onnx, model.pt, export.json)")
 
 
@@ -118,15 +101,15 @@ def bench_cmd(
     backends: Annotated[str, typer.Option(help="comma-separated: ort-cpu, ort-cuda, torch-cpu, torch-cuda, torch-compile-cpu, torch-compile-cuda, tensorrt")] = "ort-cpu",
     precisions: Annotated[str, typer.Option(help="fp32, fp16, int8")] = "fp32",
     batch: Annotated[str, typer.Option(help="batch sizes")] = "1,8,32",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (pinned to as many cores); default: leave as is")] = None,
-    rounds: Annotated[int, typer.Option(help="interleaved rounds when timing several bundles side by side")] = 3,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (pinned to as many cores); default: leave as is")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds when timing several bundles side by side")] = 3,
     max_time: Annotated[float, typer.Option(help="seconds at most per model, backend and batch size")] = 20.0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report (results, machine, efficiency) as JSON")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="write the measured-vs-ideal speed-up plot (PNG)")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config naming the data set (int8 calibration only)")] = None,
 ) -> None:
     """Latency (p50/p90/p99, throughput) per backend and batch size; speed-up efficiency vs the first bundle."""
-    with _errors(EXPORT_ERRORS):
+    with user_errors():
         from export.bundle import load_bundle, read_meta
         from export.efficiency import (
             Candidate, bench_side_by_side, efficiency_rows, efficiency_table, plot_efficiency,
@@ -134,17 +117,13 @@ def bench_cmd(
         from export.latency import BenchReport, LatencySettings, table
 
         console = Console()
-        if threads is not None and threads < 1:
-            raise ValueError(f"--threads {threads}: must be at least 1")
-        if rounds < 1:
-            raise ValueError(f"--rounds {rounds}: must be at least 1")
         settings = LatencySettings(threads=threads, max_time_s=max_time, min_time_s=min(1.0, max_time))
         candidates, labels = [], set()
         for folder in bundles:
             label = folder.name if folder.name not in labels else str(folder)
             labels.add(label)
             candidates.append(Candidate(label, load_bundle(folder), int(read_meta(folder)["flops"])))
-        precision_list = _split(precisions, "precisions")
+        precision_list = split_option(precisions, "precisions")
         calibration = None
         if "int8" in precision_list:
             from export.inputs import calibration_inputs
@@ -153,7 +132,7 @@ def bench_cmd(
             cfg = load_run_config(config)
             calibration = calibration_inputs(load_data(cfg), n=512, seed=cfg.seed)
         results = bench_side_by_side(
-            candidates, _split(backends, "backends"), precision_list, _split(batch, "batch", int),
+            candidates, split_option(backends, "backends"), precision_list, split_option(batch, "batch", int),
             settings=settings, rounds=rounds if len(candidates) > 1 else 1, calibration=calibration,
             workdir=bundles[0] / "build",
             progress=lambda msg: console.print(f"  {msg}", style="dim", highlight=False),

@@ -17,6 +17,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import nn
 
+from export.errors import ExportPackageError
 from pfp.files import atomic_path, sha256_file  # noqa: F401 - sha256_file re-exported
 
 INPUT_NAME = "input"
@@ -25,7 +26,7 @@ DEFAULT_OPSET = 18
 MAX_BATCH = 4096
 
 
-class ExportError(ValueError):
+class ExportError(ExportPackageError, ValueError):
     """An export or an ONNX file that cannot be used; one line naming the file."""
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.errors import ExportPackageError
+
 # (max relative |diff|, min top-1 agreement). The difference is taken relative to each
 # sample's largest |logit| (at least 1): untrained or BN-free nets have logits in the
 # thousands, where float32 rounding alone exceeds any fixed absolute bound. Reduced
@@ -27,7 +29,7 @@ DEFAULT_TOLERANCES: dict[str, tuple[float | None, float]] = {
 }
 
 
-class ParityError(ValueError):
+class ParityError(ExportPackageError, ValueError):
     """The exported model's outputs differ from PyTorch's beyond tolerance."""
 
 

@@ -1,27 +1,38 @@
-"""The `pfp` command line, complete: pfp's commands, export's, and the flows.
+"""The `pfp` program: one Typer app for every layer (pfp, export, deploy, flows).
 
-    pfp run [CONFIG] [--set k=v ...]        the compress flow (no CONFIG: the CPU quickstart)
+    pfp run [CONFIG] [--set k=v ...]        the compress flow (no CONFIG: the pipeline quickstart)
     pfp compare [CONFIG] [--methods ...]    the method comparison flow (MLflow runs per point)
+    pfp validate [CONFIG] [--show-default]  check a pipeline config without running anything
     pfp serve [CONFIG ...] [--cron "..."]   serve the flows with their schedules (Prefect)
+    pfp deploy TARGETS --model NAME         roll the registry's champion out to edge devices
+    pfp export / pfp bench                  ONNX export and latency (export.cli)
+    pfp models                              the model names configs accept
+    pfp device register|status|rollback     edge devices
+    pfp local run|train|prune|compare|validate   the bare cascade, no Prefect or MLflow (pfp.cli)
 
-`run` and `compare` replace pfp's untracked versions of the same names (still available as
-`python -m pfp.cli run|compare`). Without PREFECT_API_URL, Prefect starts its ephemeral
-server; without MLFLOW_TRACKING_URI or tracking.tracking_uri, MLflow uses
-sqlite:///<output_dir>/mlflow.db.
+`python -m flows.cli` is the same program. Without PREFECT_API_URL, Prefect starts its
+ephemeral server; without MLFLOW_TRACKING_URI or tracking.tracking_uri, MLflow uses
+sqlite:///<output_dir>/mlflow.db. Log lines of the project's loggers are rendered on stderr
+(-v: debug, -q: warnings only). Heavy modules are imported inside the commands, so that
+`pfp --help` stays fast.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from export.cli import EXPORT_ERRORS, extend
 from export.cli import app as export_app
-from pfp.cli import ConfigArg, ProgressOpt, SetOpt, _errors, _split, parse_sets
+from flows import PROJECT_LOGGERS
+from flows.errors import FlowError
+from pfp.cli import ConfigArg, SetOpt, ShowDefaultOpt, parse_sets, split_option, user_errors
+from pfp.cli import app as local_app
+from pfp.cli import models as models_cmd
 
 # No telemetry from the ephemeral server (these machines are offline; its heartbeat also
 # contends for the server's sqlite file). A user's own setting wins.
@@ -29,16 +40,53 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The ephemeral server's default 20 s to come up is tight on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-# run, compare and validate are replaced below by their pipeline versions.
-app = extend(export_app, drop=("run", "compare", "validate"))
-app.info.help = ("Provable Filter Pruning pipeline: prune CNN filters with data-informed sensitivities, "
-                 "retrain, export, benchmark, gate and register (Prefect flows, MLflow tracking).")
+app = typer.Typer(
+    name="pfp",
+    help="Provable Filter Pruning pipeline: prune CNN filters with data-informed sensitivities, retrain, "
+         "export, benchmark, gate and register (Prefect flows, MLflow tracking), deploy to edge devices.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
-def _flow_errors(extra: tuple[type[BaseException], ...] = ()):
-    from flows.tracking import TrackingError
+def render_logs(level: int) -> Callable[[], None]:
+    """Show the project's log records at `level` and above on stderr through rich; returns the undo.
 
-    return _errors((*EXPORT_ERRORS, TrackingError, *extra))
+    The loggers stop propagating meanwhile, so that a root handler (Prefect's console) does
+    not print the same line twice; Prefect's API handler sits on the loggers themselves.
+    """
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False,
+                          log_time_format="[%X]")
+    saved = []
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+    def undo() -> None:
+        for logger, old_level, old_propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = old_propagate
+
+    return undo
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug log lines too")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
+) -> None:
+    """Provable Filter Pruning pipeline: prune, retrain, export, benchmark, gate, register, deploy."""
+    if verbose and quiet:
+        raise typer.BadParameter("-v and -q together")
+    ctx.call_on_close(render_logs(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO))
 
 
 def _load(config: Optional[Path], set_: Optional[list[str]]):
@@ -66,14 +114,14 @@ def _summary(result: dict) -> Table:
 
 
 @app.command("run")
-def run_cmd(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = False) -> None:
+def run_cmd(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """The pipeline as a Prefect flow: calibrate, prune-retrain rounds, export, benchmark, gate, register."""
-    with _flow_errors():
+    with user_errors():
         from flows.compress import run_compress
 
         cfg = _load(config, set_)
         console = Console()
-        result = run_compress(cfg, progress=progress)
+        result = run_compress(cfg)
         console.print(_summary(result))
         if result["version"]:
             d = result["decision"]
@@ -93,30 +141,39 @@ def compare_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Several pruning methods on the same trained model, each point an MLflow run (a Prefect flow)."""
-    with _flow_errors():
+    with user_errors():
         from flows.compare import compare_flow
 
         cfg = _load(config, set_)
-        compare_flow(cfg.model_dump(mode="json"), methods=_split(methods, "methods"),
-                     reductions=_split(reductions, "reductions", float))
+        compare_flow(cfg.model_dump(mode="json"), methods=split_option(methods, "methods"),
+                     reductions=split_option(reductions, "reductions", float))
 
 
 @app.command("validate")
-def validate_cmd(config: Annotated[Path, typer.Argument(help="YAML config to check")], set_: SetOpt = None) -> None:
+def validate_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config to check (default: the pipeline quickstart)")] = None,
+    set_: SetOpt = None,
+    show_default: ShowDefaultOpt = False,
+) -> None:
     """Check a pipeline config (every section, model name, targets, gate) without running anything."""
-    with _flow_errors():
+    if show_default:
+        from flows.config import pipeline_quickstart_text
+
+        typer.echo(pipeline_quickstart_text(), nl=False)
+        return
+    with user_errors():
         from flows.config import load_pipeline_config
-        from pfp.cli import _check_model_name
+        from pfp.cli import check_model_name
         from pfp.config import ConfigError
 
         cfg = load_pipeline_config(config, parse_sets(set_))
-        _check_model_name(cfg.model.name)
+        check_model_name(cfg.model.name)
         ckpt = cfg.model.pretrained_checkpoint
         if ckpt and not Path(ckpt).is_file():
             raise ConfigError(f"{config}: field 'model.pretrained_checkpoint': file {ckpt} not found")
         p = cfg.prune
         Console().print(
-            f"OK: {config}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}; {p.method} cascade to "
+            f"OK: {config or '<quickstart defaults>'}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}; {p.method} cascade to "
             f"{', '.join(f'{r:g}' for r in p.keep_ratios)} of the {p.target}; targets "
             f"{', '.join(t.name + ' (' + t.backend + ')' for t in cfg.targets)}; gate: accuracy drop <= "
             f"{cfg.gate.max_acc_drop:g} points and {len(cfg.gate.latency)} latency check(s)",
@@ -130,7 +187,7 @@ def serve_cmd(
     cron: Annotated[Optional[str], typer.Option(help="cron schedule for every config without schedule.cron")] = None,
 ) -> None:
     """Serve the compress flow for each config with its cron schedule (Ctrl-C stops)."""
-    with _flow_errors():
+    with user_errors():
         from flows.serve import serve_configs
 
         serve_configs([_load(c, None) for c in (configs or [None])], cron=cron, sources=configs or [None])
@@ -139,13 +196,7 @@ def serve_cmd(
 # --------------------------------------------------------------------------- edge devices
 
 device_app = typer.Typer(help="Edge devices: register their flows, read their state, roll back.", no_args_is_help=True)
-app.add_typer(device_app, name="device")
 TargetsArg = Annotated[Path, typer.Argument(help="targets YAML (see configs/targets_example.yaml)")]
-
-
-# A bad targets file, an unknown device or version (VersionNotFound is a ValueError), a
-# missing server or deployment: one line each. Device commands add a job that failed there.
-EDGE_ERRORS = (ValueError, LookupError)
 
 
 def _rollout_table(report: dict) -> Table:
@@ -177,18 +228,18 @@ def deploy_cmd(
     max_time: Annotated[float, typer.Option(help="timing budget per batch size on the device, seconds")] = 5.0,
 ) -> None:
     """Roll the registry's champion (or --version) out to the edge: canaries first, then the fleet."""
-    with _flow_errors(EDGE_ERRORS):
+    with user_errors():
         from deploy.targets import load_targets
         from flows.rollout import RolloutStopped, deploy_flow
 
         load_targets(targets)  # one-line errors before anything starts
         _need_servers()
         console = Console()
-        settings = {"roles": _split(roles, "roles"), "max_parallel": max_parallel, "pickup_timeout_s": pickup_timeout,
+        settings = {"roles": split_option(roles, "roles"), "max_parallel": max_parallel, "pickup_timeout_s": pickup_timeout,
                     "run_timeout_s": run_timeout, "lost_after_s": lost_after, "max_time_s": max_time}
         try:
             report = deploy_flow(str(targets.resolve()), model, version=version, alias=alias, settings=settings,
-                                 only=_split(only, "only"), mode="benchmark" if benchmark_only else "deploy")
+                                 only=split_option(only, "only"), mode="benchmark" if benchmark_only else "deploy")
         except RolloutStopped as e:
             if e.report:
                 console.print(_rollout_table(e.report))
@@ -203,11 +254,11 @@ def _need_servers() -> None:
     from flows.tracking import check_tracking_server
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise LookupError("PREFECT_API_URL is not set: devices' workers poll a Prefect server, "
-                          "an ephemeral one reaches none of them (see README: edge deployment)")
+        raise FlowError("PREFECT_API_URL is not set: devices' workers poll a Prefect server, "
+                        "an ephemeral one reaches none of them (see README: edge deployment)")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise LookupError("MLFLOW_TRACKING_URI is not set: devices download from the same MLflow registry")
+        raise FlowError("MLFLOW_TRACKING_URI is not set: devices download from the same MLflow registry")
     check_tracking_server(uri)
 
 
@@ -216,7 +267,7 @@ def _target(targets: Path, device: str):
 
     found = [t for t in load_targets(targets) if t.name == device]
     if not found:
-        raise LookupError(f"{targets}: no target named {device!r}")
+        raise FlowError(f"{targets}: no target named {device!r}")
     return found[0]
 
 
@@ -226,7 +277,7 @@ def _run_on_device(kind: str, target, parameters: dict, timeout: float) -> None:
     fr = dispatch(kind, target, parameters, f"{target.name}: {kind}")
     status, reason = wait_for_run(fr.id, min(timeout, 120.0), timeout)
     if status != "ok":
-        raise RuntimeError(f"{kind} on {target.name}: {status}: {reason}")
+        raise FlowError(f"{kind} on {target.name}: {status}: {reason}")
 
 
 @device_app.command("register")
@@ -235,14 +286,14 @@ def device_register_cmd(
     source: Annotated[Optional[Path], typer.Option(help="this repository as the workers see it (default: here)")] = None,
 ) -> None:
     """Create the device flows' deployments on every work pool of the targets, and each device's concurrency limit."""
-    with _flow_errors(EDGE_ERRORS):
+    with user_errors():
         from deploy.targets import load_targets
         from flows.device import ensure_device_limits, register_device_deployments
         from flows.tracking import REPO
 
         ts = load_targets(targets)
         if not os.environ.get("PREFECT_API_URL"):
-            raise LookupError("PREFECT_API_URL is not set: register the device flows on the server the devices poll")
+            raise FlowError("PREFECT_API_URL is not set: register the device flows on the server the devices poll")
         names = register_device_deployments(sorted({t.work_pool for t in ts}), source or REPO)
         ensure_device_limits([t.name for t in ts])
         Console().print(f"deployments: {', '.join(names)}; concurrency limits: "
@@ -253,7 +304,7 @@ def device_register_cmd(
 def device_status_cmd(device: Annotated[str, typer.Argument(help="device name")], targets: TargetsArg,
                       timeout: Annotated[float, typer.Option(help="seconds to wait for the device")] = 300.0) -> None:
     """What the device serves, read on the device by its own worker."""
-    with _flow_errors((*EDGE_ERRORS, RuntimeError)):
+    with user_errors():
         import json as _json
 
         from prefect.artifacts import Artifact
@@ -279,12 +330,18 @@ def device_rollback_cmd(device: Annotated[str, typer.Argument(help="device name"
                         model: Annotated[str, typer.Option(help="model name on the device")],
                         timeout: Annotated[float, typer.Option(help="seconds to wait for the device")] = 300.0) -> None:
     """Re-activate the previous version of a model on one device."""
-    with _flow_errors((*EDGE_ERRORS, RuntimeError)):
+    with user_errors():
         t = _target(targets, device)
         _need_servers()
         _run_on_device("rollback", t, {"device": t.name, "model_name": model}, timeout)
         Console().print(f"{t.name}: {model} rolled back", highlight=False)
 
 
-def main() -> None:  # pragma: no cover
+# The other layers' commands, after the pipeline's own (the order of `pfp --help`).
+app.add_typer(export_app)  # no name: `pfp export` and `pfp bench` are top-level commands
+app.command("models")(models_cmd)
+app.add_typer(device_app, name="device")
+app.add_typer(local_app, name="local")
+
+if __name__ == "__main__":  # `python -m flows.cli` (torchrun -m) is the same program as `pfp`
     app()

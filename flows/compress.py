@@ -24,6 +24,7 @@ from rich.console import Console
 
 from deploy.gate import evaluate_gate
 from flows import steps
+from flows.errors import FlowError
 from flows.config import PipelineConfig, config_from_json, load_pipeline_config
 from flows.tracking import (
     check_tracking_server, flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, sigterm_raises,
@@ -104,7 +105,7 @@ def _dispatch(deployment: str, parameters: dict, what: str) -> None:
 
     fr = run_deployment(deployment, parameters=parameters, timeout=None)
     if not fr.state or not fr.state.is_completed():
-        raise RuntimeError(f"deployment {deployment}: {what} ended {fr.state.name if fr.state else 'without a state'}")
+        raise FlowError(f"deployment {deployment}: {what} ended {fr.state.name if fr.state else 'without a state'}")
 
 
 def _run_iteration(cfg: PipelineConfig, config: dict, index: int, parent: str | None) -> dict:

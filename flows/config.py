@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from deploy.gate import GateConfig, LatencyCheck
-from pfp.cli import QUICKSTART
 from pfp.config import ConfigError, RunConfig, _Strict, config_from_dict, load_config
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -158,24 +159,16 @@ class PipelineConfig(RunConfig):
         return self.tracking.registered_model or self.name
 
 
-# The README's main command: the quickstart cascade, exported, timed on this CPU, gated.
-PIPELINE_QUICKSTART: dict = {
-    **copy.deepcopy(QUICKSTART),
-    # Accept a round within 1 point (the cascade's choice and the gate's accuracy check agree).
-    "prune": {**QUICKSTART["prune"], "tolerance": 1.0},
-    "targets": [{"name": "local-cpu", "backend": "ort-cpu", "batch_sizes": [1, 32], "max_time_s": 4.0}],
-    "gate": {
-        "max_acc_drop": 1.0,
-        # Not slower than the unpruned model at batch 32, timed side by side on this CPU.
-        "latency": [{"target": "local-cpu", "batch": 32, "metric": "p50", "min_speedup": 1.0}],
-    },
-}
+def pipeline_quickstart_text() -> str:
+    """The pipeline's quickstart config as shipped (package data flows/pipeline_quickstart.yaml)."""
+    return files("flows").joinpath("pipeline_quickstart.yaml").read_text(encoding="utf-8")
 
 
 def load_pipeline_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
-    """The pipeline config at `path` (None: the embedded quickstart) with dotted overrides."""
+    """The pipeline config at `path` (None: the shipped quickstart) with dotted overrides."""
     if path is None:
-        return config_from_dict(copy.deepcopy(PIPELINE_QUICKSTART), "<quickstart defaults>", overrides, PipelineConfig)
+        return config_from_dict(yaml.safe_load(pipeline_quickstart_text()), "<quickstart defaults>", overrides,
+                                PipelineConfig)
     return load_config(path, overrides, PipelineConfig)
 
 
@@ -185,7 +178,7 @@ def config_from_json(raw: dict, source: str = "<flow parameter>") -> PipelineCon
 
 
 __all__ = [
-    "ConfigError", "DispatchConfig", "EdgeConfig", "ExportSettings", "GateConfig", "LatencyCheck", "PIPELINE_QUICKSTART",
+    "ConfigError", "DispatchConfig", "EdgeConfig", "ExportSettings", "GateConfig", "LatencyCheck",
     "PipelineConfig", "ScheduleConfig", "TargetConfig", "TrackingConfig", "config_from_json",
-    "load_pipeline_config",
+    "load_pipeline_config", "pipeline_quickstart_text",
 ]

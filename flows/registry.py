@@ -26,6 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from deploy.gate import GateDecision
+from flows.errors import FlowError
 from pfp.files import sha256_file
 
 CANDIDATE = "candidate"
@@ -37,6 +38,10 @@ REFERENCE_FILE = "reference.npz"
 REFERENCE_TAG = "reference_sha256"
 # MLflow's registry tag value limit is 100k characters; a summary never needs more than this.
 _MAX_TAG = 5000
+
+
+class RegistryError(FlowError, ValueError):
+    """A registered version or its run that lacks a file or whose files do not match their hashes."""
 
 
 def _tag_key(name: str) -> str:
@@ -70,7 +75,7 @@ def register_candidate(model_name: str, run_id: str, artifact_path: str, tags: d
     Returns the version with `version` as a str ("1"), whatever the store.
 
     The registry itself accepts any source, even one with no files; this checks that the
-    run logged model.onnx, model.pt and export.json there (ValueError naming what is
+    run logged model.onnx, model.pt and export.json there (RegistryError naming what is
     missing). Without an `onnx_sha256` tag, it is computed from the logged model.onnx.
     """
     client = MlflowClient()
@@ -78,7 +83,7 @@ def register_candidate(model_name: str, run_id: str, artifact_path: str, tags: d
     present = {Path(a.path).name for a in client.list_artifacts(run_id, artifact_path) if not a.is_dir}
     missing = [f for f in BUNDLE_FILES if f not in present]
     if missing:
-        raise ValueError(f"run {run_id} has no {', '.join(missing)} under artifact path {artifact_path!r}; "
+        raise RegistryError(f"run {run_id} has no {', '.join(missing)} under artifact path {artifact_path!r}; "
                          f"log the bundle folder first (mlflow.log_artifacts(bundle_dir, {artifact_path!r}))")
     version_tags = {str(k): str(v) for k, v in tags.items()}
     if not version_tags.get(SHA_TAG):
@@ -136,10 +141,10 @@ def _verify(folder: Path, expected: dict[str, str], label: str) -> None:
             continue
         path = folder / file
         if not path.is_file():
-            raise ValueError(f"{label}: the download has no {file}")
+            raise RegistryError(f"{label}: the download has no {file}")
         actual = sha256_file(path)
         if actual != expected[tag]:
-            raise ValueError(f"{label}: {file} sha256 {actual} does not match the version's {tag} tag {expected[tag]}")
+            raise RegistryError(f"{label}: {file} sha256 {actual} does not match the version's {tag} tag {expected[tag]}")
     # export.json records both files' hashes; check them too where present.
     meta_file = folder / "export.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -148,7 +153,7 @@ def _verify(folder: Path, expected: dict[str, str], label: str) -> None:
         if entry.get("file") and entry.get("sha256"):
             f = folder / entry["file"]
             if f.is_file() and sha256_file(f) != entry["sha256"]:
-                raise ValueError(f"{label}: {entry['file']} does not match the sha256 in export.json")
+                raise RegistryError(f"{label}: {entry['file']} does not match the sha256 in export.json")
 
 
 def download_version(model_name: str, version: str, dst: str | Path, *, require_reference: bool = False) -> Path:
@@ -156,7 +161,7 @@ def download_version(model_name: str, version: str, dst: str | Path, *, require_
 
     model.onnx must match the version's `onnx_sha256` tag, and reference.npz its
     `reference_sha256` tag where the version has one (required with `require_reference`,
-    as a device needs the references); ValueError naming the file otherwise. The files are
+    as a device needs the references); RegistryError naming the file otherwise. The files are
     fetched and checked in a staging folder beside `dst`, so a bundle that fails the check
     never appears in `dst`.
     """
@@ -166,9 +171,9 @@ def download_version(model_name: str, version: str, dst: str | Path, *, require_
     label = f"{model_name} v{version}"
     expected = {tag: mv.tags[tag] for tag in (SHA_TAG, REFERENCE_TAG) if mv.tags.get(tag)}
     if SHA_TAG not in expected:
-        raise ValueError(f"{label} has no {SHA_TAG} tag; its model.onnx cannot be verified")
+        raise RegistryError(f"{label} has no {SHA_TAG} tag; its model.onnx cannot be verified")
     if require_reference and REFERENCE_TAG not in expected:
-        raise ValueError(f"{label} has no {REFERENCE_TAG} tag; its reference outputs cannot be verified "
+        raise RegistryError(f"{label} has no {REFERENCE_TAG} tag; its reference outputs cannot be verified "
                          "(register it again from a bundle with reference.npz)")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,13 @@ from deploy.plots import plot_rollout
 from deploy.rollout import DeviceOutcome, RolloutReport, RolloutSettings, job_for, plan_stages
 from deploy.targets import Target, load_targets
 from flows.device import RESULT_TAG, deployment_name, ensure_device_limits
+from flows.errors import FlowError
 
 POLL_S = 1.0
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-class RolloutStopped(RuntimeError):
+class RolloutStopped(FlowError, RuntimeError):
     """A device failed; the rollout stopped there. The message is the report's summary;
     `report` the whole report (RolloutReport.to_dict)."""
 
@@ -43,7 +44,7 @@ class RolloutStopped(RuntimeError):
         self.report = report or {}
 
 
-class VersionNotFound(ValueError):
+class VersionNotFound(FlowError, ValueError):
     """The model version (or alias) asked for is not in the registry."""
 
 
@@ -182,8 +183,8 @@ def dispatch(kind: str, target: Target, parameters: dict, name: str):
         return run_deployment(deployment, parameters=parameters, timeout=0, work_queue_name=target.work_queue,
                               flow_run_name=name, as_subflow=False)
     except ObjectNotFound:
-        raise LookupError(f"no deployment {deployment} on the Prefect server; register the device flows "
-                          f"for pool {target.work_pool!r} (pfp device register)") from None
+        raise FlowError(f"no deployment {deployment} on the Prefect server; register the device flows "
+                        f"for pool {target.work_pool!r} (pfp device register)") from None
 
 
 def _error_text(e: BaseException) -> str:
@@ -278,7 +279,7 @@ def deploy_flow(targets_path: str, model_name: str, version: str | None = None, 
     stages = plan_stages(targets, s, only)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise ValueError("no MLflow tracking server: set MLFLOW_TRACKING_URI (devices read the same registry)")
+        raise FlowError("no MLflow tracking server: set MLFLOW_TRACKING_URI (devices read the same registry)")
     check_tracking_server(uri)
     experiment = experiment or f"{model_name}-deploy"
     experiment_id = setup_mlflow(uri, experiment)

@@ -44,6 +44,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
+from flows.errors import FlowError
+
 REPO = Path(__file__).resolve().parents[1]
 
 # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (6000 in MLflow 2.x and 3.x); longer values
@@ -54,7 +56,7 @@ _SQLITE = "sqlite:///"
 _ENV = "MLFLOW_TRACKING_URI"
 
 
-class TrackingError(ValueError):
+class TrackingError(FlowError, ValueError):
     """The tracking store cannot be used (server unreachable, folder not writable)."""
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from . import allocation as alloc
+from .errors import CoreError
 
 if TYPE_CHECKING:
     from .probe import OutputProbe
 
 
-class BudgetError(ValueError):
+class BudgetError(CoreError, ValueError):
     """An allocator that cannot serve the method it was asked for."""
 
 

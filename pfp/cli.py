@@ -1,27 +1,28 @@
-"""The `pfp` command line (Typer).
+"""`pfp local`: the bare cascade without Prefect or MLflow, and what every `pfp` command shares.
 
-    pfp run [CONFIG] [--set key=value ...]          prune-and-retrain cascade (no CONFIG: quickstart)
-    pfp compare [CONFIG] [--methods pfp,ft] [--reductions 0.5,0.7] [--set ...]
-    pfp train [CONFIG] [--set ...]                  train and save the base model (torchrun works)
-    pfp prune CHECKPOINT --config CONFIG --keep 0.5 --out FILE
-    pfp models                                      list the model names
-    pfp validate CONFIG [--set ...]                 check a config without running it
+    pfp local run [CONFIG] [--set key=value ...]     prune-and-retrain cascade (no CONFIG: the quickstart)
+    pfp local compare [CONFIG] [--methods pfp,ft] [--reductions 0.5,0.7] [--set ...]
+    pfp local train [CONFIG] [--set ...]             train and save the base model (torchrun works)
+    pfp local prune CHECKPOINT --config CONFIG --keep 0.5 --out FILE
+    pfp local validate [CONFIG] [--show-default]     check a config without running it
 
-Expected failures (bad config, missing data, unreadable checkpoint, impossible target,
-unknown model) print one red line "error: ..." and exit with status 2; set PFP_DEBUG=1
-to get the traceback instead.
+The `pfp` program itself (flows.cli) adds this app as `pfp local`. Expected failures (a
+PfpError: bad config, missing data, unreadable checkpoint, impossible target, unknown model)
+print one red line "error: ..." and exit with status 2; set PFP_DEBUG=1 to get the traceback
+instead. Anything else is a bug and shows its traceback.
 
 Multi-GPU training of the base model:
-    torchrun --standalone --nproc_per_node=4 --no-python pfp train CONFIG
-    (or: torchrun ... -m pfp.cli train CONFIG), then `pfp run CONFIG` reuses its base.pt.
+    torchrun --standalone --nproc_per_node=4 --no-python pfp local train CONFIG
+    (or: torchrun ... -m flows.cli local train CONFIG), then `pfp local run CONFIG` reuses its base.pt.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import logging
 import os
+from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional, TypeVar
 
 import typer
 import yaml
@@ -29,62 +30,17 @@ from rich.console import Console
 from rich.text import Text
 
 from pfp.config import ConfigError, RunConfig, config_from_dict, load_config
-from pfp.data import DataFormatError, DataNotFoundError
-from pfp.serialization import CheckpointError
+from pfp.errors import PfpError
 
-# The defaults of `pfp run` without a CONFIG; configs/quickstart.yaml holds the same
-# (a test keeps the two equal). LeNet5 on Fashion-MNIST, about a minute on 2 CPU cores.
-QUICKSTART: dict = {
-    "name": "quickstart",
-    "seed": 0,
-    "device": "auto",
-    "output_dir": "runs",
-    "data": {
-        "name": "fashion_mnist",
-        "batch_size": 128,
-        "eval_batch_size": 1000,
-        "augment": False,
-        "limit_train": 20000,
-    },
-    "model": {"name": "lenet5"},
-    "train": {
-        "epochs": 5,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5.0e-4,
-        "schedule": "cosine",
-    },
-    "retrain": {
-        "epochs": 3,
-        "lr": 0.02,
-        "momentum": 0.9,
-        "weight_decay": 5.0e-4,
-        "schedule": "cosine",
-    },
-    "prune": {
-        "method": "pfp",
-        "target": "flops",
-        "keep_ratios": [0.5, 0.3, 0.15],
-        "round_to": 1,
-        "holdout_size": 256,
-        "tolerance": 0.5,
-        "calib_split": 0.05,
-    },
-    "compare": {
-        "methods": ["pfp", "pfp_reference", "ft", "tp_magnitude"],
-        "reductions": [0.5, 0.7],
-    },
-}
+T = TypeVar("T")
 
 app = typer.Typer(
-    name="pfp",
-    help="Provable Filter Pruning: prune CNN filters with data-informed sensitivities, retrain, compare.",
+    name="local",
+    help="The bare prune-and-retrain cascade, without Prefect or MLflow (files under output_dir only).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-EXPECTED_ERRORS = (ConfigError, DataNotFoundError, DataFormatError, CheckpointError, ValueError)
 
 ConfigArg = Annotated[
     Optional[Path], typer.Argument(help="YAML config (see configs/); without it the quickstart defaults are used")
@@ -94,27 +50,27 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="override a config value: --set train.epochs=1 (value parsed as YAML); repeatable"),
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars while training")]
+ShowDefaultOpt = Annotated[bool, typer.Option("--show-default", help="print the quickstart config (YAML) and exit")]
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (its type name when it has none)."""
     text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
     return text or type(e).__name__
 
 
 @contextlib.contextmanager
-def _errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Expected failures -> one red line on stderr and exit status 2 (PFP_DEBUG=1: traceback).
+def user_errors() -> Iterator[None]:
+    """A PfpError -> one red line on stderr and exit status 2 (PFP_DEBUG=1: its traceback).
 
-    `extra`: further exception types that commands built on this app expect.
+    Only PfpError: any other exception is a bug, and its traceback is what finds it.
     """
-    from pfp.prune import PruneError  # a ValueError too; named for readers
-
     try:
         yield
-    except (PruneError, *EXPECTED_ERRORS, *extra) as e:
+    except PfpError as e:
         if os.environ.get("PFP_DEBUG"):
             raise
-        Console(stderr=True).print(Text(f"error: {_one_line(e)}", style="bold red"), soft_wrap=True)
+        Console(stderr=True).print(Text(f"error: {one_line(e)}", style="bold red"), soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         Console(stderr=True).print(
@@ -122,28 +78,6 @@ def _errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
-
-
-@contextlib.contextmanager
-def _library_logs(show: bool = True) -> Iterator[None]:
-    """The pfp loggers' INFO lines on this command's stdout (WARNING and up only when not `show`).
-
-    Interim: the CLI rewrite renders the project's loggers with rich.logging.RichHandler instead.
-    """
-    import logging
-    import sys
-
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("pfp")
-    level = logger.level
-    logger.setLevel(logging.INFO if show else logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def parse_sets(items: list[str] | None) -> dict:
@@ -161,14 +95,20 @@ def parse_sets(items: list[str] | None) -> dict:
     return out
 
 
+def quickstart_text() -> str:
+    """The quickstart config as shipped (package data pfp/quickstart.yaml)."""
+    return files("pfp").joinpath("quickstart.yaml").read_text(encoding="utf-8")
+
+
 def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConfig:
     """The config at `path` (or the quickstart defaults) with dotted-key overrides applied."""
     if path is not None:
         return load_config(path, overrides)
-    return config_from_dict(copy.deepcopy(QUICKSTART), "<quickstart defaults>", overrides)
+    return config_from_dict(yaml.safe_load(quickstart_text()), "<quickstart defaults>", overrides)
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """ConfigError with the closest names when `name` is not a model `build_model` knows."""
     from pfp.models import TV_PREFIX, unknown_model_error, available_models
 
     names = available_models()
@@ -178,7 +118,8 @@ def _check_model_name(name: str) -> None:
         raise unknown_model_error(key)
 
 
-def _split(value: str | None, what: str, cast=str) -> list | None:
+def split_option(value: str | None, what: str, cast: Callable[[str], T] = str) -> list[T] | None:
+    """A comma-separated option value as a list (None stays None); ConfigError naming --`what`."""
     if value is None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
@@ -196,13 +137,12 @@ def _split(value: str | None, what: str, cast=str) -> list | None:
 @app.command()
 def run(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = True) -> None:
     """Prune-and-retrain cascade: train (or reuse) the base model, prune to each keep ratio, choose."""
-    with _errors():
+    with user_errors():
         from pfp.cascade import run_cascade, summary_table
 
         cfg = load_run_config(config, parse_sets(set_))
-        _check_model_name(cfg.model.name)
-        with _library_logs():
-            result = run_cascade(cfg, progress=progress)
+        check_model_name(cfg.model.name)
+        result = run_cascade(cfg, progress=progress)
         Console().print(summary_table(result))
 
 
@@ -217,30 +157,30 @@ def compare(
     progress: ProgressOpt = True,
 ) -> None:
     """Several pruning methods side by side: same base model, FLOP targets and retraining budget."""
-    with _errors():
+    with user_errors():
         from pfp.compare import run_compare, summary_table
 
         cfg = load_run_config(config, parse_sets(set_))
-        _check_model_name(cfg.model.name)
-        with _library_logs():
-            result = run_compare(cfg, _split(methods, "methods"), _split(reductions, "reductions", float),
-                                 progress=progress)
+        check_model_name(cfg.model.name)
+        result = run_compare(cfg, split_option(methods, "methods"), split_option(reductions, "reductions", float),
+                             progress=progress)
         Console().print(summary_table(result))
 
 
 @app.command("train")
 def train_cmd(config: ConfigArg = None, set_: SetOpt = None, progress: ProgressOpt = True) -> None:
     """Train the unpruned model and save it as output_dir/<name>/base.pt (works under torchrun)."""
-    with _errors():
+    with user_errors():
         from pfp.distributed import cleanup, init_distributed
         from pfp.setup import run_train
 
         cfg = load_run_config(config, parse_sets(set_))
-        _check_model_name(cfg.model.name)
+        check_model_name(cfg.model.name)
         rank, world, _ = init_distributed()
         try:
-            with _library_logs(show=rank == 0):
-                run_train(cfg, progress=progress, distributed=world > 1)
+            if rank != 0:  # one rank speaks for all
+                logging.getLogger("pfp").setLevel(logging.WARNING)
+            run_train(cfg, progress=progress, distributed=world > 1)
         finally:
             cleanup()
 
@@ -260,13 +200,13 @@ def prune_cmd(
     set_: SetOpt = None,
 ) -> None:
     """One-shot prune of a saved model (no retraining); prints and writes the report."""
-    with _errors():
+    with user_errors():
         import torch
 
+        from pfp.data import make_loader
         from pfp.setup import calibration_loaders, load_checkpoint_for, load_data, split_training
         from pfp.prune import prune
-        from pfp.serialization import save_model
-        from pfp.data import make_loader
+        from pfp.serialization import CheckpointError, save_model
         from pfp.train import evaluate, resolve_device, seed_everything
 
         overrides = parse_sets(set_)
@@ -280,8 +220,7 @@ def prune_cmd(
         console = Console()
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
-        with _library_logs():
-            data = load_data(cfg)
+        data = load_data(cfg)
         example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
         model, info, _ = load_checkpoint_for(checkpoint, data, example)
         reference = None
@@ -319,7 +258,6 @@ def prune_cmd(
         console.print(f"wrote {out} and {report_path}")
 
 
-@app.command()
 def models() -> None:
     """List the model names that configs accept (model.name)."""
     from pfp.models import TV_PREFIX, OUR_MODELS, available_models
@@ -334,27 +272,26 @@ def models() -> None:
 
 
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="YAML config to check")], set_: SetOpt = None) -> None:
+def validate(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config to check (default: the quickstart)")] = None,
+    set_: SetOpt = None,
+    show_default: ShowDefaultOpt = False,
+) -> None:
     """Check a config (keys, values, model name, checkpoint file) without running anything."""
-    with _errors():
+    if show_default:
+        typer.echo(quickstart_text(), nl=False)
+        return
+    with user_errors():
         cfg = load_run_config(config, parse_sets(set_))
-        _check_model_name(cfg.model.name)
+        check_model_name(cfg.model.name)
         ckpt = cfg.model.pretrained_checkpoint
         if ckpt and not Path(ckpt).is_file():
             raise ConfigError(f"{config}: field 'model.pretrained_checkpoint': file {ckpt} not found")
         p = cfg.prune
         Console().print(
-            f"OK: {config}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}, {cfg.train.epochs} training epochs; "
-            f"{p.method} cascade to {', '.join(f'{r:g}' for r in p.keep_ratios)} of the {p.target}, "
-            f"{cfg.retrain.epochs} retraining epochs per round",  # type: ignore[union-attr]
+            f"OK: {config or '<quickstart defaults>'}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}, "
+            f"{cfg.train.epochs} training epochs; {p.method} cascade to {', '.join(f'{r:g}' for r in p.keep_ratios)} "
+            f"of the {p.target}, {cfg.retrain.epochs} retraining epochs per round",  # type: ignore[union-attr]
             highlight=False,
             soft_wrap=True,
         )
-
-
-def main() -> None:  # pragma: no cover - console entry for `python -m pfp.cli`
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

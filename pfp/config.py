@@ -11,8 +11,10 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pfp.errors import CoreError
 
-class ConfigError(ValueError):
+
+class ConfigError(CoreError, ValueError):
     """A config file that cannot be read or does not validate."""
 
 

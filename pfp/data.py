@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pfp.config import DataConfig
+from pfp.config import ConfigError, DataConfig
+from pfp.errors import CoreError
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ _CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _CIFAR_TEST = ["test_batch"]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(CoreError, FileNotFoundError):
     """A data set is not on disk in any of the places searched."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(CoreError, ValueError):
     """A data file exists but is corrupt, truncated or not in the expected format."""
 
 
@@ -506,7 +507,7 @@ def split_calibration(ds: Dataset, n_calib: int, n_holdout: int, seed: int) -> t
     if n_calib < 1 or n_holdout < 0:
         raise ValueError(f"need n_calib >= 1 and n_holdout >= 0, got {n_calib} and {n_holdout}")
     if n_calib + n_holdout > n:
-        raise ValueError(f"data set has {n} points, fewer than the {n_calib} calibration + {n_holdout} held-out points asked for")
+        raise ConfigError(f"data set has {n} points, fewer than the {n_calib} calibration + {n_holdout} held-out points asked for")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(ds, perm[:n_calib]), Subset(ds, perm[n_calib : n_calib + n_holdout])
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .config import ConfigError
 from .hooks import eval_mode
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class PruningGraph:
         names = dict(model.named_modules())
         unknown = [n for n in ignore_layers if n not in names]
         if unknown:
-            raise ValueError(f"prune.ignore_layers: no module named {unknown[0]!r} in the model")
+            raise ConfigError(f"prune.ignore_layers: no module named {unknown[0]!r} in the model")
         self.output_layer = find_output_layer(model, example_input)
         ignored = [names[n] for n in ignore_layers]
         if self.output_layer:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import allocation as alloc
-from .config import PruneConfig
+from .config import ConfigError, PruneConfig
 from .groups import ChannelGroup
 from .importance import fpgm_scores, hrank_scores, norm_scores, pfp_sensitivity, random_scores, tp_scores
 
@@ -74,7 +74,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"prune.method: unknown method {name!r}; known: {', '.join(METHODS)}") from None
+        raise ConfigError(f"prune.method: unknown method {name!r}; known: {', '.join(METHODS)}") from None
 
 
 # ----------------------------------------------------------------------------- scorers

@@ -11,6 +11,8 @@ import difflib
 import torch
 import torch.nn as nn
 
+from pfp.config import ConfigError
+
 __all__ = ["build_model", "available_models", "unknown_model_error", "OUR_MODELS", "LeNet5", "LeNet300100", "CifarResNet", "BasicBlock", "VGG"]
 
 TV_PREFIX = "tv:"
@@ -41,7 +43,7 @@ class LeNet5(nn.Module):
         super().__init__()
         s = (input_size // 2 - 4) // 2  # conv1 keeps the size, pool, conv2 (-4), pool
         if s < 1:
-            raise ValueError(f"lenet5 needs input_size >= 12, got {input_size}")
+            raise ConfigError(f"lenet5 needs input_size >= 12, got {input_size}")
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
@@ -116,7 +118,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -196,11 +198,11 @@ def available_models() -> list[str]:
     return list(OUR_MODELS) + [TV_PREFIX + n for n in _tv_names()]
 
 
-def unknown_model_error(name: str) -> ValueError:
+def unknown_model_error(name: str) -> ConfigError:
     """The error for a model name build_model does not know, with the closest names."""
     close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown model {name!r}{hint} (ours: {', '.join(OUR_MODELS)}; or tv:<torchvision name>)")
+    return ConfigError(f"unknown model {name!r}{hint} (ours: {', '.join(OUR_MODELS)}; or tv:<torchvision name>)")
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -208,14 +210,14 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 if child.groups != 1:
-                    raise ValueError(f"first conv of the model is grouped ({child.groups}); cannot change in_channels")
+                    raise ConfigError(f"first conv of the model is grouped ({child.groups}); cannot change in_channels")
                 new = nn.Conv2d(
                     in_channels, child.out_channels, child.kernel_size, stride=child.stride, padding=child.padding,
                     dilation=child.dilation, groups=1, bias=child.bias is not None, padding_mode=child.padding_mode,
                 )  # fmt: skip
                 setattr(parent, child_name, new)
                 return
-    raise ValueError("model has no Conv2d whose input channels could be changed")
+    raise ConfigError("model has no Conv2d whose input channels could be changed")
 
 
 def _build_tv(name: str, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
@@ -243,7 +245,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_si
     Our models take any num_classes / in_channels; lenet5, lenet300_100 and vgg16_bn
     size their layers for input_size. "tv:<name>" builds torchvision's model without
     weights, with its first conv swapped for one taking in_channels when that is not 3.
-    Unknown names raise ValueError with the closest matches.
+    Unknown names raise ConfigError (a ValueError) with the closest matches.
     """
     key = name.strip()
     if key.lower().startswith(TV_PREFIX):

@@ -27,6 +27,7 @@ from . import allocation as alloc
 from . import guarantee
 from .budgets import MEASURING, BudgetError, BudgetRequest, allocate, top_up
 from .config import PruneConfig
+from .errors import CoreError
 from .groups import ChannelGroup, PruningGraph, kept_indices
 from .hooks import eval_mode
 from .importance import norm_scores
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-class PruneError(ValueError):
+class PruneError(CoreError, ValueError):
     """A pruning request that cannot be met (names the limit)."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from pfp.errors import CoreError
 from pfp.files import atomic_path
 
 FORMAT = "pfp-model/1"
@@ -41,7 +42,7 @@ SHAPE_ATTRS: tuple[str, ...] = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CoreError, RuntimeError):
     """A model or training checkpoint that cannot be read or does not fit the model."""
 
 

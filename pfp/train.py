@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from pfp.config import TrainConfig
+from pfp.config import ConfigError, TrainConfig
 from pfp.distributed import barrier, is_distributed, is_main_process
 from pfp.files import read_json, write_json
 from pfp.serialization import CheckpointError, atomic_torch_save, describe_load_error, unwrap_model
@@ -58,10 +58,10 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+            raise ConfigError(f"device {name!r} was asked for but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -228,14 +228,6 @@ def test_crash_and_resume(tmp_path):
     assert result["rounds"][0]["task_seconds"] < result["rounds"][1]["task_seconds"]
 
 
-def test_pipeline_quickstart_yaml_matches_the_embedded_defaults():
-    from flows.config import PIPELINE_QUICKSTART, load_pipeline_config
-
-    from_file = load_pipeline_config(REPO / "configs" / "pipeline_quickstart.yaml")
-    assert from_file.model_dump(exclude={"schedule"}) == load_pipeline_config(None).model_dump(exclude={"schedule"})
-    assert yaml.safe_load((REPO / "configs" / "pipeline_quickstart.yaml").read_text())["prune"] == PIPELINE_QUICKSTART["prune"]
-
-
 def test_validate_checks_a_whole_pipeline_config(tmp_path):
     from flows.cli import app
 

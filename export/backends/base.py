@@ -19,15 +19,17 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
+from export.errors import ExportPackageError
+
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(ExportPackageError, RuntimeError):
     """The backend cannot run on this machine (library missing, no GPU, ...); says why."""
 
 
-class BackendError(ValueError):
+class BackendError(ExportPackageError, ValueError):
     """A backend was asked for something it cannot do with this input; one line, naming it."""
 
 
