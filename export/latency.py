@@ -462,7 +462,8 @@ def longer_settings(
         raise ValueError(f"factor must be at least 1, got {factor!r}")
     budget = max(settings.max_time_s, min(settings.max_time_s * factor, max_time_s))
     scale = budget / settings.max_time_s
-    return settings.model_copy(update={"max_time_s": budget, "max_iters": math.ceil(settings.max_iters * scale)})
+    # round() first: 0.1 * 3 / 0.1 is 3.0000000000000004, and ceil would add an iteration.
+    return settings.model_copy(update={"max_time_s": budget, "max_iters": math.ceil(round(settings.max_iters * scale, 6))})
 
 
 def not_converged(results: Iterable[LatencyResult], batches: Iterable[int] | None = None) -> list[int]:
