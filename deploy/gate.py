@@ -7,6 +7,15 @@ the same batch size). `evaluate_gate` turns measurements into a `GateDecision`; 
 that cannot be evaluated (target down, backend missing, batch not measured) does not pass,
 and its reason says why — an unmeasured target must never wave a model through.
 
+Latency is noisy, so a gate must not decide on noise. Each latency check's verdict is
+passed, failed or inconclusive: inconclusive when the measurement did not reach its
+precision goal (export.latency: not converged) and its confidence interval straddles the
+limit. The decision is passed only if every check passed, failed if any failed, otherwise
+inconclusive; only passed promotes. Each check records its CI. Before deciding, the flow
+re-times what `GateDecision.to_remeasure()` names, longer (export.latency.remeasure_longer),
+and passes both attempts' results (their `attempt` field tells them apart): the latest
+decides, every attempt is recorded on the check.
+
 Pure Python on purpose: no MLflow or Prefect here, so the decision can be computed, tested
 and shipped anywhere (flows.registry records it; flows.compress shows it as an artifact).
 """
