@@ -8,8 +8,13 @@ after `max_iters` or `max_time_s`. `bench_runner` does that for each batch size 
 `Runner` (pinning CPU threads for CPU runners) and `BenchReport` keeps the results with
 the machine they were measured on, as JSON and as a rich table.
 
+A measurement that did not converge can be repeated with a longer budget:
+`longer_settings` is the policy (3x the time, bounded) and `remeasure_longer` re-times the
+batch sizes whose result did not converge, marking the new results as a later attempt, so a
+decision taken on them (deploy.gate) can record both.
+
 The statistics are small pure functions (`summarize`, `median_ci_ranks`, `median_ci`,
-`median_ci_rel`) so they can be checked on their own.
+`median_ci_rel`, `quantile_ci`) so they can be checked on their own.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -41,6 +46,11 @@ REPORT_FORMAT = "pfp-latency-report/1"
 CHECK_EVERY_S = 0.05
 # Upper bound on iterations between checks (also the size of the CUDA event pool).
 _MAX_CHUNK = 256
+# A re-measurement gets this many times the first budget, but never more than the cap: on a
+# machine so busy that 3x does not converge, waiting longer still only delays the pipeline,
+# and the gate records the check as inconclusive instead.
+REMEASURE_FACTOR = 3.0
+REMEASURE_MAX_TIME_S = 120.0
 
 
 class LatencySettings(BaseModel):
@@ -123,6 +133,42 @@ def median_ci_rel(times_ms: Sequence[float], confidence: float = 0.95) -> float 
     if median <= 0:
         return None
     return max(median - ci[0], ci[1] - median) / median
+
+
+def _log_binom_pmf(n: int, q: float) -> np.ndarray:
+    """log P(B = i) for i = 0..n, B ~ Binomial(n, q), 0 < q < 1."""
+    i = np.arange(n + 1, dtype=np.float64)
+    log_comb = math.lgamma(n + 1) - np.array([math.lgamma(k + 1) + math.lgamma(n - k + 1) for k in range(n + 1)])
+    return log_comb + i * math.log(q) + (n - i) * math.log1p(-q)
+
+
+def quantile_ci_ranks(n: int, q: float, confidence: float = 0.95) -> tuple[int | None, int | None]:
+    """0-based indices (lo, hi) into n sorted samples whose values bound a distribution-free
+    `confidence` interval for the q-quantile; a side is None when n samples cannot bound it
+    (e.g. the upper side of p99 from fewer than a few hundred samples).
+
+    B ~ Binomial(n, q) counts samples below the true quantile; lo is the largest index with
+    P(B <= lo) <= alpha/2 and hi the smallest with P(B >= hi + 1) <= alpha/2, each tail summed
+    from its own end so that no 1 - (almost 1) cancels. For q = 1/2 this is median_ci_ranks.
+    """
+    if not 0 < q < 1:
+        raise ValueError(f"quantile q must be in (0, 1), got {q!r}")
+    if n < 1:
+        return None, None
+    alpha_2 = (1.0 - confidence) / 2.0
+    pmf = np.exp(_log_binom_pmf(n, q))
+    cdf = np.cumsum(pmf)                   # cdf[i] = P(B <= i)
+    sf = np.cumsum(pmf[::-1])[::-1]        # sf[i] = P(B >= i)
+    low = np.flatnonzero(cdf[:n] <= alpha_2)
+    high = np.flatnonzero(sf[1:] <= alpha_2)  # sf[k] at k = 1..n; hi = k - 1
+    return (int(low[-1]) if low.size else None), (int(high[0]) if high.size else None)
+
+
+def quantile_ci(times_ms: Sequence[float], q: float, confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """The order-statistic confidence interval of the q-quantile; None for an unbounded side."""
+    lo, hi = quantile_ci_ranks(len(times_ms), q, confidence)
+    a = np.sort(np.asarray(times_ms, dtype=np.float64))
+    return (float(a[lo]) if lo is not None else None), (float(a[hi]) if hi is not None else None)
 
 
 def _ci_met(n: int, ci_rel: float | None, settings: LatencySettings) -> bool:
@@ -311,6 +357,15 @@ class LatencyResult:
     cores: list[int] | None = None
     input_shape: list[int] | None = None
     model: str | None = None          # which model, when several are timed side by side
+    # Confidence intervals (at the settings' confidence) of the p50 and the p99, from order
+    # statistics; None for a side the samples cannot bound. A decision on a limit reads these.
+    p50_ci_low_ms: float | None = None
+    p50_ci_high_ms: float | None = None
+    p99_ci_low_ms: float | None = None
+    p99_ci_high_ms: float | None = None
+    rel_ci_goal: float | None = None  # the ±rel_ci the measurement aimed at (converged = reached)
+    max_time_s: float | None = None   # the timing budget it ran under
+    attempt: int = 1                  # 2 for a re-measurement with a longer budget (remeasure_longer)
 
     @classmethod
     def from_times(
@@ -328,10 +383,16 @@ class LatencyResult:
         ci_rel: float | None,
         cores: Sequence[int] | None = None,
         input_shape: Sequence[int] | None = None,
+        settings: LatencySettings | None = None,
+        attempt: int = 1,
     ) -> "LatencyResult":
-        """Summarize raw per-iteration times into a result."""
+        """Summarize raw per-iteration times into a result. `settings` (what the times were
+        measured with) gives the CIs' confidence and is recorded (goal, time budget)."""
         stats = summarize(times_ms)
         total_s = float(np.sum(times_ms)) / 1e3
+        confidence = settings.confidence if settings is not None else LatencySettings().confidence
+        p50_ci = median_ci(times_ms, confidence) or (None, None)
+        p99_ci = quantile_ci(times_ms, 0.99, confidence)
         return cls(
             backend=backend, device=device, precision=precision, batch=int(batch),
             iterations=len(times_ms), warmup=int(warmup), **stats,
@@ -339,6 +400,10 @@ class LatencyResult:
             timer=timer, threads=threads, converged=bool(converged), ci_rel=ci_rel,
             cores=list(cores) if cores is not None else None,
             input_shape=list(input_shape) if input_shape is not None else None,
+            p50_ci_low_ms=p50_ci[0], p50_ci_high_ms=p50_ci[1], p99_ci_low_ms=p99_ci[0], p99_ci_high_ms=p99_ci[1],
+            rel_ci_goal=settings.rel_ci if settings is not None else None,
+            max_time_s=settings.max_time_s if settings is not None else None,
+            attempt=int(attempt),
         )
 
     @classmethod
@@ -376,12 +441,73 @@ def bench_runner(
             batch=int(batch), warmup=m.warmup, timer=runner.timer,
             threads=runner.threads if runner.threads is not None else (pinned["threads"] if on_cpu else None),
             converged=m.converged, ci_rel=m.ci_rel,
-            cores=pinned["cores"] if on_cpu else None, input_shape=input_shape,
+            cores=pinned["cores"] if on_cpu else None, input_shape=input_shape, settings=settings,
         )
         results.append(result)
         if progress is not None:
             progress(result)
     return results
+
+
+def longer_settings(
+    settings: LatencySettings,
+    *,
+    factor: float = REMEASURE_FACTOR,
+    max_time_s: float = REMEASURE_MAX_TIME_S,
+) -> LatencySettings:
+    """The settings of a re-measurement: `factor` times the time budget, at most
+    `max_time_s` (but never less than before), and the iteration cap raised alike, since a
+    fast step would otherwise stop at max_iters long before the longer budget is used."""
+    if factor < 1:
+        raise ValueError(f"factor must be at least 1, got {factor!r}")
+    budget = max(settings.max_time_s, min(settings.max_time_s * factor, max_time_s))
+    scale = budget / settings.max_time_s
+    # round() first: 0.1 * 3 / 0.1 is 3.0000000000000004, and ceil would add an iteration.
+    return settings.model_copy(update={"max_time_s": budget, "max_iters": math.ceil(round(settings.max_iters * scale, 6))})
+
+
+def not_converged(results: Iterable[LatencyResult], batches: Iterable[int] | None = None) -> list[int]:
+    """The batch sizes (sorted, among `batches` when given) at which the latest attempt of
+    some model (several are timed side by side) did not converge."""
+    latest: dict[tuple, LatencyResult] = {}
+    for r in results:
+        key = (r.model, r.backend, r.precision, r.batch)
+        if key not in latest or r.attempt > latest[key].attempt:
+            latest[key] = r
+    wanted = None if batches is None else set(batches)
+    return sorted({r.batch for r in latest.values() if not r.converged and (wanted is None or r.batch in wanted)})
+
+
+def remeasure_longer(
+    bench: Callable[[LatencySettings, list[int]], Sequence[LatencyResult]],
+    results: Sequence[LatencyResult],
+    settings: LatencySettings,
+    *,
+    batches: Iterable[int] | None = None,
+    factor: float = REMEASURE_FACTOR,
+    max_time_s: float = REMEASURE_MAX_TIME_S,
+) -> list[LatencyResult]:
+    """Re-time what did not converge, once, with longer_settings(settings).
+
+    `bench(settings, batch_sizes)` times the same runner(s) again (e.g. bench_runner, or the
+    side-by-side benchmark of a candidate and its baseline) and returns their results;
+    `results` are the first attempt's, `batches` limits the re-measurement to the batch sizes
+    a decision needs. Returns only the new results, each marked one attempt later than the
+    latest it repeats and with the longer budget; [] when everything converged. The caller
+    keeps both attempts: the later one is the measurement, the earlier one its history.
+    """
+    redo = not_converged(results, batches)
+    if not redo:
+        return []
+    longer = longer_settings(settings, factor=factor, max_time_s=max_time_s)
+    attempt = 1 + max(r.attempt for r in results if r.batch in redo)
+    new = list(bench(longer, redo))
+    for r in new:
+        r.attempt = attempt
+        r.max_time_s = longer.max_time_s
+        if r.rel_ci_goal is None:
+            r.rel_ci_goal = longer.rel_ci
+    return new
 
 
 def _finite_or_none(x: Any) -> Any:

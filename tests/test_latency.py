@@ -1,6 +1,7 @@
 """export.latency: statistics, the stopping rule, bench_runner and the report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,14 +16,20 @@ from rich.console import Console
 from export.backends.base import Runner, random_input
 from export.latency import (
     CHECK_EVERY_S,
+    REMEASURE_MAX_TIME_S,
     BenchReport,
     LatencyResult,
     LatencySettings,
     bench_runner,
+    longer_settings,
     measure,
     median_ci,
     median_ci_ranks,
     median_ci_rel,
+    not_converged,
+    quantile_ci,
+    quantile_ci_ranks,
+    remeasure_longer,
     summarize,
     table,
 )
@@ -84,6 +91,45 @@ def test_median_ci_ranks_match_published_table_and_exact_binomial():
         for n in list(range(1, 80)) + [257, 1000, 2001]:
             lo = _exact_lower_rank(n, conf)
             assert median_ci_ranks(n, conf) == (None if lo is None else (lo, n - 1 - lo)), (n, conf)
+
+
+def _exact_quantile_ranks(n: int, q: float, confidence: float) -> tuple[int | None, int | None]:
+    """Reference for quantile_ci_ranks by exact rationals (q = k/100)."""
+    from fractions import Fraction
+
+    qf = Fraction(q).limit_denominator(1000)
+    pmf = [math.comb(n, i) * qf**i * (1 - qf) ** (n - i) for i in range(n + 1)]
+    a2 = Fraction(1 - confidence).limit_denominator(1000) / 2
+    cdf, total = [], Fraction(0)
+    for x in pmf:
+        total += x
+        cdf.append(total)  # P(B <= i); P(B >= k) = 1 - cdf[k - 1], exact in rationals
+    lo = [m for m in range(n) if cdf[m] <= a2]
+    hi = [k - 1 for k in range(1, n + 1) if 1 - cdf[k - 1] <= a2]
+    return (lo[-1] if lo else None), (hi[0] if hi else None)
+
+
+def test_quantile_ci_ranks_agree_with_the_median_and_exact_binomials():
+    for n in list(range(1, 60)) + [257, 1000, 2001]:
+        assert quantile_ci_ranks(n, 0.5) == (median_ci_ranks(n) or (None, None)), n
+    for q, conf in ((0.99, 0.95), (0.9, 0.95), (0.99, 0.9), (0.1, 0.99)):
+        for n in (1, 5, 30, 100, 299, 300, 500):
+            assert quantile_ci_ranks(n, q, conf) == _exact_quantile_ranks(n, q, conf), (n, q, conf)
+    # p99 from 299 samples has no upper bound (0.99**299 > 2.5%); from 2000 it has both.
+    assert quantile_ci_ranks(299, 0.99)[1] is None
+    lo, hi = quantile_ci_ranks(2000, 0.99)
+    assert lo is not None and hi is not None and lo < 1980 < hi <= 1999
+    with pytest.raises(ValueError, match="quantile"):
+        quantile_ci_ranks(10, 1.0)
+
+
+def test_quantile_ci_covers_the_true_p90_at_least_as_often_as_promised():
+    rng = np.random.default_rng(2)
+    samples = rng.exponential(1.0, size=(2000, 200))
+    true_p90 = -math.log(0.1)
+    cis = [quantile_ci(s, 0.9) for s in samples]
+    assert all(lo is not None and hi is not None for lo, hi in cis)
+    assert sum(lo <= true_p90 <= hi for lo, hi in cis) / len(cis) > 0.94
 
 
 def test_median_ci_covers_the_true_median_at_least_as_often_as_promised():
@@ -357,3 +403,86 @@ def test_bench_runner_on_cuda_uses_events_and_does_not_pin():
     assert [r.timer for r in results] == ["cuda_events", "cuda_events"]
     assert all(r.threads is None and r.cores is None for r in results)
     assert results[1].p50_ms >= results[0].p50_ms * 0.8
+
+
+# ----------------------------------------------------------------------------- re-measuring
+
+def test_results_carry_their_cis_goal_and_budget():
+    times = list(np.linspace(1.0, 3.0, 101))
+    settings = quick(rel_ci=0.03, max_time_s=1.5, confidence=0.9)
+    r = LatencyResult.from_times(times, backend="b", device="cpu", precision="fp32", batch=1, warmup=0, timer="wall",
+                                 threads=1, converged=False, ci_rel=median_ci_rel(times, 0.9), settings=settings)
+    assert (r.p50_ci_low_ms, r.p50_ci_high_ms) == median_ci(times, 0.9)
+    assert r.p50_ci_low_ms < r.p50_ms < r.p50_ci_high_ms
+    assert (r.p99_ci_low_ms, r.p99_ci_high_ms) == quantile_ci(times, 0.99, 0.9)
+    assert (r.rel_ci_goal, r.max_time_s, r.attempt) == (0.03, 1.5, 1)
+    # too few samples: no CI, said as None
+    r = LatencyResult.from_times([2.0, 2.1, 2.2, 2.05, 2.3], backend="b", device="cpu", precision="fp32", batch=1,
+                                 warmup=0, timer="wall", threads=1, converged=False, ci_rel=None)
+    assert r.p50_ci_low_ms is None and r.p99_ci_high_ms is None and r.rel_ci_goal is None
+
+
+def test_longer_settings_triple_the_budget_within_the_cap():
+    s = quick(max_time_s=2.0, max_iters=400)
+    longer = longer_settings(s)
+    assert (longer.max_time_s, longer.max_iters) == (6.0, 1200)
+    assert longer.model_dump(exclude={"max_time_s", "max_iters"}) == s.model_dump(exclude={"max_time_s", "max_iters"})
+    capped = longer_settings(quick(max_time_s=60.0))
+    assert capped.max_time_s == REMEASURE_MAX_TIME_S
+    # a first budget already above the cap is never shortened
+    assert longer_settings(quick(max_time_s=200.0, min_time_s=1.0)).max_time_s == 200.0
+    with pytest.raises(ValueError, match="factor"):
+        longer_settings(s, factor=0.5)
+
+
+def test_remeasure_skips_what_converged():
+    done = [_result(batch=1, converged=True, ci_rel=0.01), _result(batch=8, converged=True, ci_rel=0.01)]
+    called = []
+    assert remeasure_longer(lambda s, b: called.append(b) or [], done, quick()) == [] and called == []
+    other = _result(batch=8, converged=False)
+    other.model = "other"  # a second model timed side by side
+    mixed = [*done, other]
+    assert not_converged(mixed) == [8] and not_converged(mixed, batches=[1]) == []
+    # the latest attempt counts: a converged second attempt settles it
+    settled = dataclasses.replace(other, converged=True, attempt=2)
+    assert not_converged([*mixed, settled]) == []
+
+
+def test_remeasure_longer_on_a_real_onnxruntime_session(tmp_path):
+    """Structure only: which batches are re-timed, with what budget, marked as which attempt,
+    and how the gate records both attempts; no absolute times."""
+    from deploy.gate import GateConfig, LatencyCheck, evaluate_gate
+    from export.backends import BuildSpec, ModelBundle, get_backend
+    from export.onnx_export import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    export_onnx(model, tmp_path / "m.onnx", (16,), exporter="torchscript")
+    runner = get_backend("ort-cpu").load(ModelBundle(onnx=tmp_path / "m.onnx", checkpoint=None, input_shape=(16,)),
+                                         BuildSpec(batch_sizes=(1, 4), threads=1))
+    # A goal no timing reaches: neither batch converges.
+    first_settings = quick(threads=1, rel_ci=1e-9, min_iters=10, max_iters=40, min_time_s=0.02, max_time_s=0.1)
+    first = bench_runner(runner, (1, 4), input_shape=(16,), settings=first_settings)
+    assert [r.converged for r in first] == [False, False] and all(r.attempt == 1 for r in first)
+
+    asked: list[tuple[LatencySettings, list[int]]] = []
+
+    def bench(settings: LatencySettings, batches: list[int]) -> list[LatencyResult]:
+        asked.append((settings, batches))
+        return bench_runner(runner, batches, input_shape=(16,), settings=settings)
+
+    again = remeasure_longer(bench, first, first_settings, batches=[4])
+    runner.close()
+    (settings, batches), = asked
+    assert batches == [4] and settings.max_time_s == pytest.approx(0.3) and settings.max_iters == 120
+    (r,) = again
+    assert (r.batch, r.attempt, r.max_time_s, r.backend) == (4, 2, pytest.approx(0.3), "ort-cpu")
+    assert 10 <= r.iterations <= 120 and r.p50_ci_low_ms <= r.p50_ms <= r.p50_ci_high_ms
+
+    rows = [dataclasses.asdict(x) for x in [*first, *again]]
+    check = LatencyCheck(target="cpu", batch=4, max_ms=r.p50_ms)
+    d = evaluate_gate(GateConfig(latency=[check]), base_acc=90, acc=90, latency={"cpu": rows}, baseline_latency={})
+    c = d.checks[1]
+    assert [a.max_time_s for a in c.attempts] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert c.value == r.p50_ms and c.converged is False and c.ci_low <= c.value <= c.ci_high
+    assert d.to_remeasure() == {}  # measured twice: a verdict still open stays inconclusive
+    assert d.passed == (c.verdict == "passed")
