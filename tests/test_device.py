@@ -1,4 +1,4 @@
-"""deploy.device on real files: a real exported bundle, ONNX Runtime on the CPU, a real
+"""deploy.on_device on real files: a real exported bundle, ONNX Runtime on the CPU, a real
 model repository; no mocks. TensorRT is not installed here, so a preference that starts
 with it must fall through to ort-cpu and say why."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.device import (
+from deploy.on_device import (
     ENV_NAME,
     ENV_ROOT,
     Built,

@@ -1,10 +1,10 @@
-"""deploy.rollout without Prefect: device jobs are checked field by field, stages come out
+"""deploy.rollout_plan without Prefect: device jobs are checked field by field, stages come out
 canary first then fleet in waves, and the report says which device stopped the rollout."""
 from __future__ import annotations
 
 import pytest
 
-from deploy.rollout import (
+from deploy.rollout_plan import (
     DeviceJob,
     DeviceOutcome,
     JobError,

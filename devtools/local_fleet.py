@@ -171,7 +171,7 @@ class LocalFleet:
     def register_deployments(self) -> list[str]:
         """The device flows' deployments on every pool (in a subprocess talking to this server)."""
         pools = sorted({p for _, p in self.devices})
-        code = ("import sys; from flows.device import register_device_deployments as r; "
+        code = ("import sys; from flows.device_flows import register_device_deployments as r; "
                 f"print('DEPLOYMENTS', *r({pools!r}, {str(REPO)!r}))")
         out = subprocess.run([sys.executable, "-c", code], env=self.env(), cwd=str(REPO), capture_output=True,
                              text=True, timeout=300)
@@ -267,7 +267,7 @@ __all__ = ["LocalFleet", "drain_prefect_clients", "free_port", "register_demo_ve
 def main(argv: Sequence[str] | None = None) -> None:
     """Try the edge path on this machine: deploy a registered model to a local fleet.
 
-        make quickstart && .venv/bin/python -m flows.local_fleet --devices 3
+        make quickstart && .venv/bin/python -m devtools.local_fleet --devices 3
     """
     import argparse
     import json
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.rollout import RolloutStopped, deploy_flow
+    from flows.deploy_flow import RolloutStopped, deploy_flow
     from flows.tracking import check_tracking_server
 
     check_tracking_server(args.mlflow)

@@ -1,4 +1,4 @@
-"""A rollout's plan and its outcome, in plain Python (flows.rollout runs it on Prefect).
+"""A rollout's plan and its outcome, in plain Python (flows.deploy_flow runs it on Prefect).
 
     job = parse_job(params)                            # a device job, every field checked
     stages = plan_stages(targets, RolloutSettings())   # canary first, then the fleet, in waves
@@ -157,7 +157,7 @@ class DeviceOutcome:
     status: Status
     reason: str = ""
     flow_run_id: str | None = None
-    result: dict[str, Any] | None = None        # the device's summary (flows.device._summary)
+    result: dict[str, Any] | None = None        # the device's summary (flows.device_flows._summary)
     rolled_back: bool | None = None             # None: not needed / not attempted
     seconds: float = 0.0                        # dispatch to end, as the orchestrator saw it
 

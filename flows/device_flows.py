@@ -4,9 +4,9 @@
         prefect worker start --pool jetson-orin --work-queue orin-fleet-01
 
 Each device runs a process worker on its device class's work pool, taking work only from
-its own queue. `pfp deploy` (flows.rollout) sends these flows there with run_deployment and
+its own queue. `pfp deploy` (flows.deploy_flow) sends these flows there with run_deployment and
 `work_queue_name`. Who the device is and where its Triton model repository lies come from
-the worker's environment (deploy.device.device_from_env); the flow's `device` parameter
+the worker's environment (deploy.on_device.device_from_env); the flow's `device` parameter
 must name this device or the run is refused.
 
     download (MLflow, sha256 against the registry's tags) -> build (TensorRT if installed,
@@ -34,11 +34,11 @@ from typing import Any, Iterator
 from prefect import flow, get_run_logger, task
 
 from deploy import repository
-from deploy.device import (
+from deploy.on_device import (
     Built, Device, DeviceError, activate_checked, active_registry_version, build_on_device, check_budget,
     clean_work, device_from_env, install_built, new_workdir,
 )
-from deploy.rollout import DeviceJob, parse_job
+from deploy.rollout_plan import DeviceJob, parse_job
 from flows.tracking import sigterm_raises
 
 LIMIT_PREFIX = "pfp-device-"
@@ -307,8 +307,8 @@ def device_status_flow(device: str) -> dict:
 
 
 DEVICE_FLOWS = {"deploy": device_deploy_flow, "rollback": device_rollback_flow, "status": device_status_flow}
-ENTRYPOINTS = {"deploy": "flows/device.py:device_deploy_flow", "rollback": "flows/device.py:device_rollback_flow",
-               "status": "flows/device.py:device_status_flow"}
+ENTRYPOINTS = {"deploy": "flows/device_flows.py:device_deploy_flow", "rollback": "flows/device_flows.py:device_rollback_flow",
+               "status": "flows/device_flows.py:device_status_flow"}
 
 
 def deployment_name(kind: str, pool: str) -> str:

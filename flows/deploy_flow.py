@@ -5,7 +5,7 @@
     device's MLflow run -> record on the model version -> any failure: roll that device back,
     stop the rollout
 
-The device flows (flows.device) run on the devices' workers; this flow only dispatches and
+The device flows (flows.device_flows) run on the devices' workers; this flow only dispatches and
 waits (run_deployment with the target's `work_queue_name`, so a job reaches exactly one
 device). A job no worker takes within `pickup_timeout_s` is cancelled, so a device that
 comes back later never runs a stale deploy; one still running after `run_timeout_s` is
@@ -26,9 +26,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from deploy.plots import plot_rollout
-from deploy.rollout import DeviceOutcome, RolloutReport, RolloutSettings, job_for, plan_stages
+from deploy.rollout_plan import DeviceOutcome, RolloutReport, RolloutSettings, job_for, plan_stages
 from deploy.targets import Target, load_targets
-from flows.device import RESULT_TAG, deployment_name, ensure_device_limits
+from flows.device_flows import RESULT_TAG, deployment_name, ensure_device_limits
 
 POLL_S = 1.0
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
