@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from deploy.repository import (
-    RepositoryError, _alive, _model_dir, _read_state, _read_version_meta, activate, deactivate, install, rollback,
+    RepositoryError, is_alive, model_dir, read_state, read_version_meta, activate, deactivate, install, rollback,
     safe_join,
     served_version, validate_name,
 )
@@ -115,7 +115,7 @@ def clean_work(device: Device, *, older_than_s: float = 0.0) -> list[str]:
         return removed
     for p in base.iterdir():
         pid = _pid_of(p.name)
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and is_alive(pid):
             continue
         if time.time() - p.stat().st_mtime < older_than_s:
             continue
@@ -308,8 +308,8 @@ def run_installed(root: str | Path, model_name: str, version: int, reference: st
     from export.backends import get_backend
     from export.backends.base import BuildSpec, ModelBundle
 
-    mdir = _model_dir(root, model_name)
-    meta = _read_version_meta(mdir, version)
+    mdir = model_dir(root, model_name)
+    meta = read_version_meta(mdir, version)
     path = mdir / str(version) / meta["file"]
     x, _ = load_reference(reference)
     name_in = meta["inputs"][0]["name"] if meta.get("inputs") else "input"
@@ -356,22 +356,22 @@ def activate_checked(root: str | Path, model_name: str, version: int, *, referen
 
 def active_registry_version(root: str | Path, model_name: str) -> tuple[int | None, str | None]:
     """(repository version, registry version) of what the device serves now."""
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if not mdir.is_dir():
         return None, None
     served = served_version(mdir)
     if served is None:
         return None, None
     try:
-        return served, str(_read_version_meta(mdir, served).get("registry_version"))
+        return served, str(read_version_meta(mdir, served).get("registry_version"))
     except RepositoryError:
         return served, None
 
 
 def previous_version(root: str | Path, model_name: str) -> int | None:
     """The version a rollback would restore."""
-    mdir = _model_dir(root, model_name)
-    return _read_state(mdir).get("previous") if mdir.is_dir() else None
+    mdir = model_dir(root, model_name)
+    return read_state(mdir).get("previous") if mdir.is_dir() else None
 
 
 __all__ = [

@@ -215,7 +215,7 @@ def device_deploy_flow(job: dict, experiment: str, parent_run_id: str | None = N
         waited = time.perf_counter() - start
         for name in clean_work(dev):
             logger.warning(f"removed {name}: left by a job that died")
-        if repository._model_dir(dev.root, j.model_name).is_dir():
+        if repository.model_dir(dev.root, j.model_name).is_dir():
             left = repository.cleanup(dev.root, j.model_name, keep=j.keep_versions)
             if left["removed_temp"]:
                 logger.warning(f"removed leftovers of a job that died: {left['removed_temp']}")
