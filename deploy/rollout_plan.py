@@ -255,6 +255,7 @@ class RolloutReport:
 
 
 __all__ = [
-    "DeviceJob", "DeviceOutcome", "DeviceResult", "JobError", "LatencyFigures", "ROLES", "RolloutReport", "RolloutSettings", "Stage", "job_for",
+    "DeviceJob", "DeviceOutcome", "DeviceResult", "JobError", "LatencyFigures", "ROLES", "RolloutReport",
+    "RolloutSettings", "Stage", "job_for",
     "parse_job", "plan_stages",
 ]
