@@ -33,7 +33,7 @@ MODEL = "edge-bench"
 
 
 def make_version(folder: Path, seed: int, arch: str) -> str:
-    from flows.local_fleet import register_demo_version
+    from devtools.local_fleet import register_demo_version
 
     return register_demo_version(folder, MODEL, seed, arch=arch, input_size=28)
 
@@ -48,13 +48,13 @@ def write_targets(path: Path, devices: list[tuple[str, str, str]], batch_sizes: 
 
 
 def states(fleet, names: list[str]) -> dict[str, str | None]:
-    from deploy.device import active_registry_version
+    from deploy.on_device import active_registry_version
 
     return {d: active_registry_version(fleet.device_root(d), MODEL)[1] for d in names}
 
 
 def rollout(fleet, targets: Path, settings: dict, **kw) -> dict:
-    from flows.rollout import RolloutStopped, deploy_flow
+    from flows.deploy_flow import RolloutStopped, deploy_flow
 
     try:
         return deploy_flow(str(targets), MODEL, settings=settings, tracking_uri=fleet.uri, **kw)
@@ -115,8 +115,8 @@ def part_faults(fleet, tmp: Path, targets: Path, names: list[str], settings: dic
     from mlflow import MlflowClient
 
     from deploy.targets import load_targets
-    from flows.device import deployment_name
-    from flows.rollout import VersionNotFound, wait_for_run
+    from flows.device_flows import deployment_name
+    from flows.deploy_flow import VersionNotFound, wait_for_run
     from prefect.deployments import run_deployment
 
     rows = []
@@ -257,7 +257,7 @@ def main() -> None:
     args = ap.parse_args()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_fleet import LocalFleet, drain_prefect_clients
+    from devtools.local_fleet import LocalFleet, drain_prefect_clients
     from flows.tracking import setup_mlflow
 
     tmp = Path(tempfile.mkdtemp(prefix="pfp-edge-bench-"))

@@ -4,7 +4,7 @@
     <root>/<model>/<N>/model.onnx        (platform onnxruntime_onnx)  or  model.plan (tensorrt_plan)
     <root>/<model>/<N>/pfp.json          what version N is: registry name+version, sha256s, backend, ...
     <root>/<model>/pfp-state.json        active and previous version, and a short history
-    <root>/<model>/.pfp-lock             the per-model lock (fcntl.flock)
+    <root>/<model>/.pfp-lock             the per-model lock (filelock.FileLock: flock(2) on Linux)
     <root>/<model>/.pfp-tmp-*            versions being written, or left by a crash
 
 Which version is active: ``pfp-state.json`` records the decision (active, previous) and
@@ -28,8 +28,8 @@ numbers are never reused: the default is one past the highest ever installed (re
 the state), so a number names one artifact for good, in logs and in Triton's metrics.
 
 Every change to a model (install, activate, rollback, cleanup) holds the model's lock, an
-exclusive ``fcntl.flock`` on ``.pfp-lock``, tried without blocking for a short while and
-then refused with "device busy: another deploy holds <lockfile>". The kernel drops the lock
+exclusive ``filelock.FileLock`` on ``.pfp-lock`` (flock(2) underneath), waited for a short
+while and then refused with "device busy: another deploy holds <lockfile>". The kernel drops the lock
 when its holder dies, SIGKILL included, so whoever holds the lock knows that no other
 deploy is writing in that model's folder: every temporary folder it finds there is a crash
 leftover, and `cleanup` removes them (not only those older than the current process, which
@@ -43,8 +43,6 @@ Names that become paths (device, model) pass `validate_name`, and every path is 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -55,11 +53,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import psutil
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deploy.errors import DeployError
-from pfp.config import _format_error
-from pfp.files import _fsync_dir, write_text_atomic
+from pfp.config import format_validation_error
+from pfp.files import fsync_dir, write_text_atomic
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -133,7 +133,8 @@ def device_root(base: str | os.PathLike, device: str) -> Path:
     return safe_join(base, validate_name(device, "device name"))
 
 
-def _model_dir(root: str | os.PathLike, model_name: str) -> Path:
+def model_dir(root: str | os.PathLike, model_name: str) -> Path:
+    """The folder of `model_name` under the repository `root` (the name checked, the path kept inside)."""
     return safe_join(root, validate_name(model_name, "model name"))
 
 
@@ -221,33 +222,32 @@ def _platform_of(artifact: Path, backend: str) -> tuple[str, str]:
 @contextlib.contextmanager
 def model_lock(root: str | os.PathLike, model_name: str, *, wait_s: float = LOCK_WAIT_S) -> Iterator[Path]:
     """Hold the model's lock for the block (creating the model folder); DeviceBusy after `wait_s`."""
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     mdir.mkdir(parents=True, exist_ok=True)
     path = mdir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # preserve_lock_file keeps the native flock and never falls back to a soft (pid-file)
+    # lock, which a SIGKILLed holder would leave behind: the kernel must drop a dead one's lock.
+    lock = FileLock(path, timeout=max(0.0, wait_s), poll_interval=0.02, preserve_lock_file=True,
+                    on_acquired=_write_holder)
     try:
-        deadline = time.monotonic() + max(0.0, wait_s)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise DeviceBusy(f"device busy: another deploy holds {path}{_holder(fd)}") from None
-                time.sleep(0.02)
-        # Who holds it, for the busy message of the next one; informative only.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+        lock.acquire()
+    except Timeout:
+        raise DeviceBusy(f"device busy: another deploy holds {path}{_holder(path)}") from None
+    try:
         yield mdir
     finally:
-        os.close(fd)  # releases the flock
+        lock.release()
 
 
-def _holder(fd: int) -> str:
+def _write_holder(fd: int) -> None:
+    # Who holds it, for the busy message of the next one; informative only.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+
+
+def _holder(path: Path) -> str:
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        text = path.read_text(errors="replace")[:200].strip()
     except OSError:
         return ""
     return f" ({text})" if text else ""
@@ -266,7 +266,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_state(mdir: Path) -> dict:
+def read_state(mdir: Path) -> dict:
+    """The model folder's pfp-state.json (an empty state when there is none yet); RepositoryError if unreadable."""
     path = mdir / STATE_FILE
     if not path.exists():
         return {"format": STATE_FORMAT, "model_name": mdir.name, "active": None, "previous": None,
@@ -293,7 +294,8 @@ def _versions_on_disk(mdir: Path) -> list[int]:
     return sorted(int(p.name) for p in mdir.iterdir() if p.is_dir() and _VERSION_RE.fullmatch(p.name))
 
 
-def _read_version_meta(mdir: Path, version: int) -> dict:
+def read_version_meta(mdir: Path, version: int) -> dict:
+    """Version `version`'s pfp.json record in the model folder `mdir`; RepositoryError if missing or not one."""
     vdir = mdir / str(version)
     if not vdir.is_dir():
         raise RepositoryError(f"{vdir}: version {version} of {mdir.name} is not installed")
@@ -332,13 +334,13 @@ def install(
     The version is not activated. Returns the version number.
     """
     artifact = Path(artifact)
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if version is not None:
         _check_version(version)
     try:
         info = VersionMeta.model_validate(meta)
     except ValidationError as e:
-        raise RepositoryError(_format_error(e, f"install {model_name}: meta")) from None
+        raise RepositoryError(format_validation_error(e, f"install {model_name}: meta")) from None
     file_name, platform = _platform_of(artifact, info.backend)
     want = str(expected_sha256).lower()
     if not _SHA_RE.fullmatch(want):
@@ -353,7 +355,7 @@ def install(
                               "not installed (the file was changed or is not the one promoted)")
 
     with model_lock(root, model_name, wait_s=lock_wait_s):
-        state = _read_state(mdir)
+        state = read_state(mdir)
         on_disk = _versions_on_disk(mdir)
         if version is None:
             version = max([*on_disk, state.get("last_installed") or 0]) + 1
@@ -385,13 +387,13 @@ def install(
                 f.write(json.dumps(record, indent=2) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             # os.rename onto an existing *empty* folder succeeds on Linux; the lock and
             # this check make sure there is none.
             if vdir.exists():
                 raise RepositoryError(f"{vdir}: exists; not installed")
             os.rename(tmp, vdir)
-            _fsync_dir(mdir)
+            fsync_dir(mdir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -431,7 +433,7 @@ def activate(
     completes an activation cut short by a crash). Returns the new state.
     """
     _check_version(version)
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if not mdir.is_dir():
         raise RepositoryError(f"{mdir}: no model {model_name!r} in the repository")
     with model_lock(root, model_name, wait_s=lock_wait_s):
@@ -441,11 +443,11 @@ def activate(
 def rollback(root: str | os.PathLike, model_name: str, *, lock_wait_s: float = LOCK_WAIT_S) -> dict:
     """Re-activate the previous version; the one rolled back from stays installed and becomes
     `previous` (so a second rollback undoes the first). Returns the new state."""
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if not mdir.is_dir():
         raise RepositoryError(f"{mdir}: no model {model_name!r} in the repository")
     with model_lock(root, model_name, wait_s=lock_wait_s):
-        state = _read_state(mdir)
+        state = read_state(mdir)
         previous = state.get("previous")
         if previous is None:
             raise RepositoryError(f"{mdir / STATE_FILE}: {model_name} has no previous version to roll back to "
@@ -456,11 +458,11 @@ def rollback(root: str | os.PathLike, model_name: str, *, lock_wait_s: float = L
 def deactivate(root: str | os.PathLike, model_name: str, *, lock_wait_s: float = LOCK_WAIT_S) -> dict:
     """Serve no version of `model_name` (config.pbtxt removed; the active one becomes
     `previous`, so a rollback re-activates it). For a first version that failed its check."""
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if not mdir.is_dir():
         raise RepositoryError(f"{mdir}: no model {model_name!r} in the repository")
     with model_lock(root, model_name, wait_s=lock_wait_s):
-        state = _read_state(mdir)
+        state = read_state(mdir)
         if state.get("active") is not None:
             state["previous"], state["active"] = state["active"], None
         state["history"] = [*state.get("history", []), {"action": "deactivate", "previous": state["previous"],
@@ -468,12 +470,12 @@ def deactivate(root: str | os.PathLike, model_name: str, *, lock_wait_s: float =
         # State first, as in activate: a crash in between leaves status saying "run it again".
         _write_state(mdir, state)
         (mdir / CONFIG_FILE).unlink(missing_ok=True)
-        _fsync_dir(mdir)
+        fsync_dir(mdir)
         return state
 
 
 def _activate_locked(mdir: Path, version: int, action: str, verify: bool) -> dict:
-    meta = _read_version_meta(mdir, version)
+    meta = read_version_meta(mdir, version)
     model_file = mdir / str(version) / meta["file"]
     if verify:
         if not model_file.is_file():
@@ -482,7 +484,7 @@ def _activate_locked(mdir: Path, version: int, action: str, verify: bool) -> dic
         if got != meta.get("sha256"):
             raise RepositoryError(f"{model_file}: sha256 {got[:12]}… does not match {VERSION_META} "
                                   f"({str(meta.get('sha256'))[:12]}…); the file was changed, not activated")
-    state = _read_state(mdir)
+    state = read_state(mdir)
     if state.get("active") != version:
         state["previous"] = state.get("active")
         state["active"] = version
@@ -550,16 +552,16 @@ def _owner_pid(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _alive(pid: int | None) -> bool:
+def is_alive(pid: int | None) -> bool:
+    """Whether process `pid` is running (a zombie is not: it writes nothing any more)."""
     if pid is None:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True  # someone else's live process
-    return True
 
 
 def status(root: str | os.PathLike) -> dict:
@@ -575,14 +577,14 @@ def status(root: str | os.PathLike) -> dict:
             continue
         problems: list[str] = []
         try:
-            state = _read_state(mdir)
+            state = read_state(mdir)
         except RepositoryError as e:
             problems.append(str(e))
             state = {}
         versions = []
         for v in _versions_on_disk(mdir):
             try:
-                versions.append(_read_version_meta(mdir, v))
+                versions.append(read_version_meta(mdir, v))
             except RepositoryError as e:
                 problems.append(str(e))
                 versions.append({"version": v, "error": str(e)})
@@ -596,7 +598,7 @@ def status(root: str | os.PathLike) -> dict:
                             f"run activate({active}) again")
         leftovers, in_progress = [], []
         for p in _temp_entries(mdir):
-            (in_progress if _alive(_owner_pid(p.name)) else leftovers).append(p.name)
+            (in_progress if is_alive(_owner_pid(p.name)) else leftovers).append(p.name)
         out[mdir.name] = {
             "active": active,
             "previous": state.get("previous"),
@@ -624,7 +626,7 @@ def cleanup(
     Returns {"removed_versions": [...], "removed_temp": [...]}."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise RepositoryError(f"keep {keep!r} is not a non-negative integer")
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if not mdir.is_dir():
         raise RepositoryError(f"{mdir}: no model {model_name!r} in the repository")
     removed_versions: list[int] = []
@@ -633,7 +635,7 @@ def cleanup(
         for p in _temp_entries(mdir):
             _remove(p)
             removed_temp.append(p.name)
-        state = _read_state(mdir)
+        state = read_state(mdir)
         on_disk = _versions_on_disk(mdir)
         kept = set(on_disk[-keep:] if keep else []) | {state.get("active"), state.get("previous"),
                                                          served_version(mdir)}
@@ -647,7 +649,7 @@ def cleanup(
             _remove(trash)
             removed_versions.append(v)
         if removed_versions or removed_temp:
-            _fsync_dir(mdir)
+            fsync_dir(mdir)
             state["history"] = [*state.get("history", []), {"action": "cleanup", "removed": removed_versions,
                                                             "temp": removed_temp, "at": _now()}]
             if (mdir / STATE_FILE).exists():
@@ -664,6 +666,6 @@ def _remove(path: Path) -> None:
 
 __all__ = [
     "DeviceBusy", "RepositoryError", "TensorSpec", "VersionMeta", "activate", "cleanup", "deactivate", "device_root",
-    "install", "model_lock", "render_config", "rollback", "safe_join", "served_version", "status",
-    "validate_name",
+    "install", "is_alive", "model_dir", "model_lock", "read_state", "read_version_meta", "render_config", "rollback",
+    "safe_join", "served_version", "status", "validate_name",
 ]

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deploy.repository import validate_name
-from pfp.config import ConfigError, _format_error
+from pfp.config import ConfigError, format_validation_error
 
 # The backends a device's repository can serve (deploy.repository: ONNX via ONNX Runtime, or an engine).
 DEPLOY_BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu")
@@ -108,7 +108,7 @@ def load_targets(path: str | Path) -> list[Target]:
     try:
         return TargetsFile.model_validate(raw).targets
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 __all__ = ["DEPLOY_BACKENDS", "Target", "TargetsFile", "load_targets"]

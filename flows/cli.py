@@ -230,7 +230,7 @@ def deploy_cmd(
     """Roll the registry's champion (or --version) out to the edge: canaries first, then the fleet."""
     with user_errors():
         from deploy.targets import load_targets
-        from flows.rollout import RolloutStopped, deploy_flow
+        from flows.deploy_flow import RolloutStopped, deploy_flow
 
         load_targets(targets)  # one-line errors before anything starts
         _need_servers()
@@ -272,7 +272,7 @@ def _target(targets: Path, device: str):
 
 
 def _run_on_device(kind: str, target, parameters: dict, timeout: float) -> None:
-    from flows.rollout import dispatch, wait_for_run
+    from flows.deploy_flow import dispatch, wait_for_run
 
     fr = dispatch(kind, target, parameters, f"{target.name}: {kind}")
     status, reason = wait_for_run(fr.id, min(timeout, 120.0), timeout)
@@ -288,7 +288,7 @@ def device_register_cmd(
     """Create the device flows' deployments on every work pool of the targets, and each device's concurrency limit."""
     with user_errors():
         from deploy.targets import load_targets
-        from flows.device import ensure_device_limits, register_device_deployments
+        from flows.device_flows import ensure_device_limits, register_device_deployments
         from flows.tracking import REPO
 
         ts = load_targets(targets)
@@ -309,7 +309,7 @@ def device_status_cmd(device: Annotated[str, typer.Argument(help="device name")]
 
         from prefect.artifacts import Artifact
 
-        from flows.device import status_key
+        from flows.device_flows import status_key
 
         t = _target(targets, device)
         _need_servers()

@@ -309,7 +309,7 @@ def _edge_gate_bench(cfg: PipelineConfig, devices: list, version: str, client, p
     """Build, check and time the registered candidate on the gate devices (on their own
     workers); their latency rows, why a device was not measured, and one budget check per
     device that has a latency budget."""
-    from flows.rollout import RolloutStopped, deploy_flow
+    from flows.deploy_flow import RolloutStopped, deploy_flow
     from flows.tracking import resolve_tracking_uri
 
     e = cfg.edge

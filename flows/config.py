@@ -85,7 +85,7 @@ class DispatchConfig(_Strict):
 
 class EdgeConfig(_Strict):
     """Edge devices in the promotion gate: the targets file's `gate` devices build, check and
-    time each registered candidate on the device (flows.device, mode benchmark) before the
+    time each registered candidate on the device (flows.device_flows, mode benchmark) before the
     gate decides; their figures join the gate's latency checks under the device's name, and
     a device's `latency_budget_ms` becomes a check of its own (p50 at its smallest batch)."""
 

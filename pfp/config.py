@@ -255,4 +255,3 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: dict | None =
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-_format_error = format_validation_error  # alias for callers not yet migrated

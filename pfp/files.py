@@ -36,7 +36,6 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-_fsync_dir = fsync_dir  # alias for callers not yet migrated
 
 
 @contextlib.contextmanager

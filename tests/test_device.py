@@ -1,4 +1,4 @@
-"""deploy.device on real files: a real exported bundle, ONNX Runtime on the CPU, a real
+"""deploy.on_device on real files: a real exported bundle, ONNX Runtime on the CPU, a real
 model repository; no mocks. TensorRT is not installed here, so a preference that starts
 with it must fall through to ort-cpu and say why."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.device import (
+from deploy.on_device import (
     ENV_NAME,
     ENV_ROOT,
     Built,
@@ -38,6 +38,7 @@ from deploy.device import (
     previous_version,
     run_installed,
 )
+from deploy.errors import DeployError
 from deploy.repository import CONFIG_FILE, STATE_FILE, RepositoryError, served_version
 from export.onnx_export import ExportError
 
@@ -104,6 +105,14 @@ def root(tmp_path: Path) -> Path:
     return path
 
 
+def worker_env(monkeypatch, env: dict[str, str]) -> None:
+    """The worker's environment holds exactly `env`'s device variables."""
+    for var in (ENV_NAME, ENV_ROOT):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+
+
 def one_line(err: pytest.ExceptionInfo) -> str:
     msg = str(err.value)
     assert msg and "\n" not in msg, msg
@@ -114,21 +123,22 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "..", "/etc", "a\\b"])
-def test_device_name_with_a_path_refused_before_anything_is_created(tmp_path: Path, bad: str):
+def test_device_name_with_a_path_refused_before_anything_is_created(tmp_path: Path, bad: str, monkeypatch):
     root = tmp_path / "root"
     # Even when the worker's own name is that same string: the name is checked first.
     for env in ({ENV_NAME: bad, ENV_ROOT: str(root)}, {ENV_NAME: "orin-01", ENV_ROOT: str(root)}, {}):
+        worker_env(monkeypatch, env)
         with pytest.raises(DeviceError) as e:
-            device_from_env(bad, environ=env)
+            device_from_env(bad)
         assert type(e.value) is DeviceError
         msg = one_line(e)
         assert "device name" in msg and repr(bad) in msg
     assert list(tmp_path.iterdir()) == []
 
 
-def test_device_from_env(tmp_path: Path):
-    env = {ENV_NAME: "orin-01", ENV_ROOT: str(tmp_path / "repo" / "orin-01")}
-    dev = device_from_env("orin-01", environ=env)
+def test_device_from_env(tmp_path: Path, monkeypatch):
+    worker_env(monkeypatch, {ENV_NAME: "orin-01", ENV_ROOT: str(tmp_path / "repo" / "orin-01")})
+    dev = device_from_env("orin-01")
     assert dev == Device("orin-01", (tmp_path / "repo" / "orin-01").resolve())
     assert dev.root.is_dir() and dev.work == dev.root / ".pfp-work"
     assert not dev.work.exists()  # only the root is made
@@ -138,19 +148,25 @@ def test_device_from_env_refusals(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "repo"
     # Another device's run.
+    worker_env(monkeypatch, {ENV_NAME: "orin-01", ENV_ROOT: str(root)})
     with pytest.raises(DeviceMismatch) as e:
-        device_from_env("orin-02", environ={ENV_NAME: "orin-01", ENV_ROOT: str(root)})
+        device_from_env("orin-02")
     msg = one_line(e)
     assert "'orin-01'" in msg and "'orin-02'" in msg and "work_queue" in msg
+    assert isinstance(e.value, DeployError) and isinstance(e.value, RuntimeError)
     # Not a device at all.
-    for env in ({}, {ENV_NAME: "orin-01"}, {ENV_ROOT: str(root)}, {ENV_NAME: "", ENV_ROOT: str(root)}):
+    for env, missing in (({}, ENV_NAME), ({ENV_NAME: "orin-01"}, ENV_ROOT), ({ENV_ROOT: str(root)}, ENV_NAME),
+                         ({ENV_NAME: "", ENV_ROOT: str(root)}, ENV_NAME), ({ENV_NAME: "orin-01", ENV_ROOT: ""}, ENV_ROOT)):
+        worker_env(monkeypatch, env)
         with pytest.raises(DeviceError) as e:
-            device_from_env("orin-01", environ=env)
+            device_from_env("orin-01")
         assert type(e.value) is DeviceError
         assert ENV_NAME in one_line(e) and ENV_ROOT in str(e.value)
+        assert str(e.value).startswith(f"this worker is not a device: {missing} is not set;"), (env, str(e.value))
     # A relative root.
+    worker_env(monkeypatch, {ENV_NAME: "orin-01", ENV_ROOT: "rel/repo"})
     with pytest.raises(DeviceError) as e:
-        device_from_env("orin-01", environ={ENV_NAME: "orin-01", ENV_ROOT: "rel/repo"})
+        device_from_env("orin-01")
     assert one_line(e) == f"{ENV_ROOT}='rel/repo' must be an absolute path"
     assert list(tmp_path.iterdir()) == []  # nothing created by any refusal
 
@@ -417,8 +433,9 @@ def dead_pid() -> int:
     return pid
 
 
-def test_clean_work_removes_dead_jobs_folders_only(tmp_path: Path):
-    dev = device_from_env("orin-01", environ={ENV_NAME: "orin-01", ENV_ROOT: str(tmp_path / "repo")})
+def test_clean_work_removes_dead_jobs_folders_only(tmp_path: Path, monkeypatch):
+    worker_env(monkeypatch, {ENV_NAME: "orin-01", ENV_ROOT: str(tmp_path / "repo")})
+    dev = device_from_env("orin-01")
     assert clean_work(dev) == []  # no work folder yet
 
     mine = new_workdir(dev, "build")

@@ -53,13 +53,13 @@ def targets_file(folder: Path, extra: list[dict] | None = None, name: str = "tar
 
 def make_version(folder: Path, seed: int) -> str:
     """A real LeNet5 bundle (weights from `seed`), registered as MODEL's champion."""
-    from flows.local_fleet import register_demo_version
+    from devtools.local_fleet import register_demo_version
 
     return register_demo_version(folder, MODEL, seed)
 
 
 def served(fleet, device: str) -> str | None:
-    from deploy.device import active_registry_version
+    from deploy.on_device import active_registry_version
 
     return active_registry_version(fleet.device_root(device), MODEL)[1]
 
@@ -68,7 +68,7 @@ def served(fleet, device: str) -> str | None:
 def fleet(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_fleet import LocalFleet, drain_prefect_clients
+    from devtools.local_fleet import LocalFleet, drain_prefect_clients
     from flows.tracking import setup_mlflow
 
     home = tmp_path_factory.mktemp("fleet")
@@ -88,14 +88,14 @@ def fleet(tmp_path_factory):
 
 
 def rollout(fleet, targets: Path, **kw):
-    from flows.rollout import deploy_flow
+    from flows.deploy_flow import deploy_flow
 
     settings = {**FAST, **kw.pop("settings", {})}
     return deploy_flow(str(targets), MODEL, settings=settings, tracking_uri=fleet.uri, **kw)
 
 
 def stopped(fleet, targets: Path, **kw) -> dict:
-    from flows.rollout import RolloutStopped
+    from flows.deploy_flow import RolloutStopped
 
     with pytest.raises(RolloutStopped) as e:
         rollout(fleet, targets, **kw)
@@ -173,7 +173,7 @@ def device_runs() -> int:
 
 
 def test_missing_version_is_refused_before_any_dispatch(fleet, tmp_path):
-    from flows.rollout import VersionNotFound
+    from flows.deploy_flow import VersionNotFound
 
     before = device_runs()
     with pytest.raises(VersionNotFound, match=rf"model '{MODEL}' has no version '99' in the registry"):
@@ -185,8 +185,8 @@ def test_missing_version_is_refused_before_any_dispatch(fleet, tmp_path):
 
 def test_device_names_with_paths_are_refused(fleet, tmp_path):
     from deploy.targets import load_targets
-    from flows.device import deployment_name
-    from flows.rollout import wait_for_run
+    from flows.device_flows import deployment_name
+    from flows.deploy_flow import wait_for_run
     from pfp.config import ConfigError
     from prefect.deployments import run_deployment
 
@@ -210,8 +210,8 @@ def test_device_names_with_paths_are_refused(fleet, tmp_path):
 
 
 def test_two_deploys_to_one_device_at_once(fleet, tmp_path):
-    from flows.device import deployment_name
-    from flows.rollout import wait_for_run
+    from flows.device_flows import deployment_name
+    from flows.deploy_flow import wait_for_run
     from prefect.deployments import run_deployment
 
     v = make_version(tmp_path, seed=3)
@@ -282,7 +282,7 @@ def test_offline_device_is_cancelled_and_stops_the_rollout(fleet, tmp_path):
     targets = targets_file(tmp_path, [{"name": "ghost", "work_pool": "orin", "role": "canary"}])
     report = stopped(fleet, targets, settings={"pickup_timeout_s": scaled(8)})
     by = {o["device"]: o for o in report["outcomes"]}
-    assert by["ghost"]["status"] == "offline" and "within 8 s" in by["ghost"]["reason"]
+    assert by["ghost"]["status"] == "offline" and f"within {scaled(8)} s" in by["ghost"]["reason"]
     assert by["c1"]["status"] == "active"                   # the other canary, same wave
     assert by["f1"]["status"] == by["f2"]["status"] == "skipped"
     assert served(fleet, "f1") == before["f1"] and served(fleet, "f2") == before["f2"]
@@ -293,8 +293,8 @@ def test_offline_device_is_cancelled_and_stops_the_rollout(fleet, tmp_path):
 
 
 def test_rollback_and_status_flows(fleet, tmp_path):
-    from flows.device import deployment_name
-    from flows.rollout import wait_for_run
+    from flows.device_flows import deployment_name
+    from flows.deploy_flow import wait_for_run
     from prefect.artifacts import Artifact
     from prefect.deployments import run_deployment
 

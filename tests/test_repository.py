@@ -26,6 +26,7 @@ from deploy.repository import (
     cleanup,
     device_root,
     install,
+    is_alive,
     rollback,
     safe_join,
     served_version,
@@ -404,3 +405,21 @@ def test_deactivate_serves_nothing_and_rollback_restores(tmp_path):
     assert served_version(root / "m") == v1
     with pytest.raises(RepositoryError, match="no model 'nope'"):
         deactivate(root, "nope")
+
+
+def test_is_alive_running_zombie_and_reaped():
+    import psutil
+
+    assert not is_alive(None)
+    proc = subprocess.Popen(python("import sys; sys.stdin.read()"), stdin=subprocess.PIPE)
+    try:
+        assert is_alive(proc.pid)
+        proc.stdin.close()  # it exits; not reaped yet, so its pid is a zombie
+        deadline = time.monotonic() + 30
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+        assert not is_alive(proc.pid)  # it writes nothing any more: its folders are leftovers
+    finally:
+        proc.wait(timeout=30)
+    assert not is_alive(proc.pid)

@@ -1,12 +1,13 @@
-"""deploy.rollout without Prefect: device jobs are checked field by field, stages come out
+"""deploy.rollout_plan without Prefect: device jobs are checked field by field, stages come out
 canary first then fleet in waves, and the report says which device stopped the rollout."""
 from __future__ import annotations
 
 import pytest
 
-from deploy.rollout import (
+from deploy.rollout_plan import (
     DeviceJob,
     DeviceOutcome,
+    DeviceResult,
     JobError,
     RolloutReport,
     RolloutSettings,
@@ -17,6 +18,12 @@ from deploy.rollout import (
 from deploy.targets import Target
 
 BASE = {"device": "orin-canary-01", "model_name": "fmnist-lenet5", "version": "7", "rollout_id": "0123456789ab"}
+RESULT = {"device": "canary-01", "mode": "deploy", "model": "fmnist-lenet5", "version": "7", "rollout_id": "rid-1",
+          "backend": "ort-cpu", "precision": "fp32", "artifact_sha256": "ab" * 32,
+          "skipped_backends": {"tensorrt": "not installed"},
+          "latency": {"b1": {"p50_ms": 0.42, "p99_ms": 0.5}, "b8": {"p50_ms": 2.0, "p99_ms": 2.5}},
+          "parity": {"max_rel_diff": 1e-6, "top1": 1.0}, "repository_version": 3, "previous_repository_version": 2,
+          "seconds": {"flow": 4.2}}
 
 
 def job_error(params: dict) -> str:
@@ -207,8 +214,7 @@ def test_report_every_non_ok_status_stops(status: str):
 
 def test_report_markdown_escapes_pipes():
     r = RolloutReport("fmnist-lenet5", "7", "rid-1")
-    r.add(DeviceOutcome("canary-01", "canary", "active", result={
-        "backend": "ort-cpu", "latency": {"b1": {"p50_ms": 0.42, "p99_ms": 0.5}, "b8": {"p50_ms": 2.0}}}))
+    r.add(DeviceOutcome("canary-01", "canary", "active", result=DeviceResult.model_validate(RESULT)))
     r.add(DeviceOutcome("fleet-01", "fleet", "failed", reason="reference mismatch", rolled_back=True))
     r.add(DeviceOutcome("fleet-02", "fleet", "failed", reason="a | b\n  c||d", rolled_back=False))
     r.add(DeviceOutcome("fleet-03", "fleet", "busy", reason="x" * 400))
@@ -227,3 +233,21 @@ def test_report_markdown_escapes_pipes():
     ]
     assert all(line.count("|") == 8 for line in lines[2:])  # every row keeps its 7 columns
     assert md.endswith("|\n")
+
+
+def test_outcome_round_trips_with_its_typed_result():
+    out = DeviceOutcome("canary-01", "canary", "active", flow_run_id="fr", result=DeviceResult.model_validate(RESULT))
+    d = out.to_dict()
+    assert d["result"] == RESULT                                   # JSON-ready, every field kept
+    back = DeviceOutcome(**d)                                      # as a Prefect task result comes back
+    assert isinstance(back.result, DeviceResult) and back == out
+    assert DeviceOutcome("d", "fleet", "offline").to_dict()["result"] is None
+
+
+def test_device_result_status_line_is_short():
+    r = DeviceResult.model_validate(RESULT)
+    assert r.status_line() == "active on ort-cpu, p50 0.42 ms at b1, repository version 3"
+    bench = r.model_copy(update={"mode": "benchmark", "repository_version": None, "latency": {}})
+    assert bench.status_line() == "benchmarked on ort-cpu"
+    with pytest.raises(ValueError, match="latency"):
+        DeviceResult.model_validate({**RESULT, "latency": {"b1": {"p50_ms": "fast"}}})

@@ -5,7 +5,7 @@
     device's MLflow run -> record on the model version -> any failure: roll that device back,
     stop the rollout
 
-The device flows (flows.device) run on the devices' workers; this flow only dispatches and
+The device flows (flows.device_flows) run on the devices' workers; this flow only dispatches and
 waits (run_deployment with the target's `work_queue_name`, so a job reaches exactly one
 device). A job no worker takes within `pickup_timeout_s` is cancelled, so a device that
 comes back later never runs a stale deploy; one still running after `run_timeout_s` is
@@ -23,12 +23,16 @@ import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from deploy.plots import plot_rollout
-from deploy.rollout import DeviceOutcome, RolloutReport, RolloutSettings, job_for, plan_stages
+from deploy.rollout_plan import DeviceOutcome, DeviceResult, RolloutReport, RolloutSettings, job_for, plan_stages
 from deploy.targets import Target, load_targets
-from flows.device import RESULT_TAG, deployment_name, ensure_device_limits
+from flows.device_flows import (
+    NETWORK_RETRIES, NETWORK_RETRY_DELAYS_S, RESULT_ARTIFACT, deployment_name, ensure_device_limits,
+    retry_on_network_error,
+)
 from flows.errors import FlowError
 
 POLL_S = 1.0
@@ -51,6 +55,8 @@ class VersionNotFound(FlowError, ValueError):
 # --------------------------------------------------------------------------- registry side
 
 
+@task(name="resolve-version", retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS_S,
+      retry_condition_fn=retry_on_network_error, cache_policy=NO_CACHE)
 def resolve_version(model_name: str, version: str | None, alias: str) -> str:
     """`version` if registered, else the version `alias` points at; VersionNotFound otherwise."""
     from mlflow import MlflowClient
@@ -76,11 +82,13 @@ def resolve_version(model_name: str, version: str | None, alias: str) -> str:
     return str(version)
 
 
+@task(name="record-on-version", retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS_S,
+      retry_condition_fn=retry_on_network_error, cache_policy=NO_CACHE)
 def record_on_version(model_name: str, version: str, outcome: DeviceOutcome) -> None:
     """Tag `deploy.<device>` on the model version: which engine the device runs (or why not)."""
     from mlflow import MlflowClient
 
-    r = outcome.result or {}
+    r = outcome.result.model_dump(mode="json") if outcome.result else {}
     value = {"status": outcome.status, "stage": outcome.stage, "rollout": r.get("rollout_id"),
              "backend": r.get("backend"), "artifact_sha256": r.get("artifact_sha256"),
              "repository_version": r.get("repository_version"), "latency": r.get("latency"),
@@ -90,11 +98,18 @@ def record_on_version(model_name: str, version: str, outcome: DeviceOutcome) -> 
                                          json.dumps(value, separators=(",", ":"))[:5000])
 
 
+@task(name="device-run-result", retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS_S,
+      retry_condition_fn=retry_on_network_error, cache_policy=NO_CACHE)
 def device_run_result(experiment_id: str, rollout_id: str, device: str,
-                      lost_reason: str | None = None) -> tuple[dict | None, str | None]:
-    """(the device's `pfp.result`, its `pfp.error`) from the device job's MLflow run. With
+                      lost_reason: str | None = None) -> tuple[DeviceResult | None, str | None]:
+    """(the device's DeviceResult, its `pfp.error`) from the device job's MLflow run. With
     `lost_reason` (the job was cut off), a run the device left RUNNING is ended FAILED here:
-    a device that lost power cannot end its own run."""
+    a device that lost power cannot end its own run.
+
+    Read from MLflow rather than with the flow run's state.result(): a Prefect result lives in
+    the result storage of the worker that ran it, on the device, which the orchestrator cannot
+    read; the MLflow run is where device and orchestrator meet anyway."""
+    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -108,9 +123,12 @@ def device_run_result(experiment_id: str, rollout_id: str, device: str,
         client.set_tag(run.info.run_id, "pfp.outcome", "failed")
         client.set_tag(run.info.run_id, "pfp.error", lost_reason[:5000])
         client.set_terminated(run.info.run_id, "FAILED")
-    tags = run.data.tags
-    result = json.loads(tags[RESULT_TAG]) if tags.get(RESULT_TAG) else None
-    return result, tags.get("pfp.error")
+    folder, name = RESULT_ARTIFACT.rsplit("/", 1)
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder)}
+    result = None
+    if name in logged:
+        result = DeviceResult.model_validate(mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{RESULT_ARTIFACT}"))
+    return result, run.data.tags.get("pfp.error")
 
 
 # --------------------------------------------------------------------------- one device
@@ -210,7 +228,7 @@ def deploy_one(target: Target, job: dict, experiment: str, experiment_id: str, p
     out.seconds = time.monotonic() - start
     result, error = device_run_result(experiment_id, job["rollout_id"], target.name,
                                       lost_reason=reason if status in ("lost", "timed_out") else None)
-    out.result = result | {"rollout_id": job["rollout_id"]} if result else None
+    out.result = result
     if status == "ok":
         out.status = "active" if job["mode"] == "deploy" else "benchmarked"
     elif status == "failed":
@@ -235,6 +253,8 @@ def rollback_one(target: Target, model_name: str, version: str, settings: Rollou
     return True, ""
 
 
+# No retries: a second dispatch could deploy twice to a device the first one reached; a
+# failed device is rolled back and stops the rollout instead.
 @task(name="deploy-device", retries=0)
 def deploy_device_task(target: dict, job: dict, experiment: str, experiment_id: str, parent_run_id: str,
                        settings: dict, stage: str) -> dict:

@@ -9,6 +9,7 @@ its own device folder, as real devices would run them.
 
 Nothing here is a stand-in: `prefect server start` and `prefect worker start` are Prefect's
 own commands; the only local thing is that every "device" is a folder on this machine.
+A developer helper: devtools is not installed with the product (pyproject's package list).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Sequence
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,24 +45,12 @@ def _pinned(cores: set[int] | None):
     return lambda: os.sched_setaffinity(0, cores)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (read from /proc; Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+def _descendants(pid: int) -> list[psutil.Process]:
+    """Every live process below `pid`."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:
@@ -161,17 +152,17 @@ class LocalFleet:
             return
         doomed = _descendants(p.pid)
         _signal(p, sig)
-        for pid in doomed:
+        for child in doomed:
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
+                child.send_signal(sig)  # psutil checks the pid still names that same process
+            except psutil.NoSuchProcess:
                 pass
         p.wait(timeout=30)
 
     def register_deployments(self) -> list[str]:
         """The device flows' deployments on every pool (in a subprocess talking to this server)."""
         pools = sorted({p for _, p in self.devices})
-        code = ("import sys; from flows.device import register_device_deployments as r; "
+        code = ("import sys; from flows.device_flows import register_device_deployments as r; "
                 f"print('DEPLOYMENTS', *r({pools!r}, {str(REPO)!r}))")
         out = subprocess.run([sys.executable, "-c", code], env=self.env(), cwd=str(REPO), capture_output=True,
                              text=True, timeout=300)
@@ -267,7 +258,7 @@ __all__ = ["LocalFleet", "drain_prefect_clients", "free_port", "register_demo_ve
 def main(argv: Sequence[str] | None = None) -> None:
     """Try the edge path on this machine: deploy a registered model to a local fleet.
 
-        make quickstart && .venv/bin/python -m flows.local_fleet --devices 3
+        make quickstart && .venv/bin/python -m devtools.local_fleet --devices 3
     """
     import argparse
     import json
@@ -285,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.rollout import RolloutStopped, deploy_flow
+    from flows.deploy_flow import RolloutStopped, deploy_flow
     from flows.tracking import check_tracking_server
 
     check_tracking_server(args.mlflow)

@@ -18,7 +18,7 @@ the previous version is re-activated before the error is raised, so a device nev
 serving a model that did not answer correctly.
 
 Where a device is: its name and repository root come from the worker's environment
-(PFP_DEVICE_NAME, PFP_DEVICE_ROOT), never from a flow parameter; a run whose device
+(PFP_DEVICE_NAME, PFP_DEVICE_ROOT, read by DeviceSettings), never from a flow parameter; a run whose device
 parameter is not this worker's name is refused, so a run routed to the wrong queue cannot
 touch another device's models.
 """
@@ -34,16 +34,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deploy.errors import DeployError
 from deploy.repository import (
-    RepositoryError, _alive, _model_dir, _read_state, _read_version_meta, activate, deactivate, install, rollback,
-    safe_join,
-    served_version, validate_name,
+    RepositoryError, activate, deactivate, install, is_alive, model_dir, read_state, read_version_meta, rollback,
+    safe_join, served_version, validate_name,
 )
 
-ENV_NAME = "PFP_DEVICE_NAME"
-ENV_ROOT = "PFP_DEVICE_ROOT"
+ENV_PREFIX = "PFP_DEVICE_"
+ENV_NAME = f"{ENV_PREFIX}NAME"
+ENV_ROOT = f"{ENV_PREFIX}ROOT"
 WORK_DIR = ".pfp-work"   # downloads and builds; not a model name (names start with a letter or digit)
 
 
@@ -75,29 +77,53 @@ class Device:
         return self.root / WORK_DIR
 
 
-def device_from_env(requested: str, environ: dict[str, str] | None = None) -> Device:
+class DeviceSettings(BaseSettings):
+    """The worker's device environment: PFP_DEVICE_NAME (who it is) and PFP_DEVICE_ROOT (its
+    Triton model repository, an absolute path). An empty variable counts as not set."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore")
+
+    name: str = Field(min_length=1)
+    root: Path
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError("must be an absolute path")
+        return v
+
+
+def device_settings() -> DeviceSettings:
+    """This worker's DeviceSettings from its environment; DeviceError (one line naming the variable) otherwise."""
+    try:
+        return DeviceSettings()
+    except ValidationError as e:
+        err = e.errors()[0]
+        var = f"{ENV_PREFIX}{str(err['loc'][0]).upper()}" if err["loc"] else ENV_PREFIX + "*"
+        if err["type"] == "missing":
+            raise DeviceError(f"this worker is not a device: {var} is not set; set {ENV_NAME} and {ENV_ROOT} "
+                              "in the worker's environment") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise DeviceError(f"{var}={str(err['input'])!r} {msg}") from None
+
+
+def device_from_env(requested: str) -> Device:
     """The device this process runs on, if it is `requested`; DeviceMismatch otherwise.
 
     `requested` is checked as a folder name before anything else (a flow parameter never
     becomes a path unchecked); the root comes from PFP_DEVICE_ROOT and must be absolute.
     """
-    env = os.environ if environ is None else environ
     try:
         validate_name(requested, "device name")
     except ValueError as e:
         raise DeviceError(str(e)) from None
-    mine = env.get(ENV_NAME)
-    root = env.get(ENV_ROOT)
-    if not mine or not root:
-        raise DeviceError(f"this worker is not a device: set {ENV_NAME} and {ENV_ROOT} in the worker's environment")
-    if mine != requested:
-        raise DeviceMismatch(f"this worker is device {mine!r}, the run is for {requested!r}; "
+    env = device_settings()
+    if env.name != requested:
+        raise DeviceMismatch(f"this worker is device {env.name!r}, the run is for {requested!r}; "
                              "check the target's work_queue (one queue per device)")
-    if not os.path.isabs(root):
-        raise DeviceError(f"{ENV_ROOT}={root!r} must be an absolute path")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return Device(mine, path.resolve())
+    env.root.mkdir(parents=True, exist_ok=True)
+    return Device(env.name, env.root.resolve())
 
 
 def new_workdir(device: Device, label: str) -> Path:
@@ -116,7 +142,7 @@ def clean_work(device: Device, *, older_than_s: float = 0.0) -> list[str]:
         return removed
     for p in base.iterdir():
         pid = _pid_of(p.name)
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and is_alive(pid):
             continue
         if time.time() - p.stat().st_mtime < older_than_s:
             continue
@@ -309,8 +335,8 @@ def run_installed(root: str | Path, model_name: str, version: int, reference: st
     from export.backends import get_backend
     from export.backends.base import BuildSpec, ModelBundle
 
-    mdir = _model_dir(root, model_name)
-    meta = _read_version_meta(mdir, version)
+    mdir = model_dir(root, model_name)
+    meta = read_version_meta(mdir, version)
     path = mdir / str(version) / meta["file"]
     x, _ = load_reference(reference)
     name_in = meta["inputs"][0]["name"] if meta.get("inputs") else "input"
@@ -357,27 +383,29 @@ def activate_checked(root: str | Path, model_name: str, version: int, *, referen
 
 def active_registry_version(root: str | Path, model_name: str) -> tuple[int | None, str | None]:
     """(repository version, registry version) of what the device serves now."""
-    mdir = _model_dir(root, model_name)
+    mdir = model_dir(root, model_name)
     if not mdir.is_dir():
         return None, None
     served = served_version(mdir)
     if served is None:
         return None, None
     try:
-        return served, str(_read_version_meta(mdir, served).get("registry_version"))
+        return served, str(read_version_meta(mdir, served).get("registry_version"))
     except RepositoryError:
         return served, None
 
 
 def previous_version(root: str | Path, model_name: str) -> int | None:
     """The version a rollback would restore."""
-    mdir = _model_dir(root, model_name)
-    return _read_state(mdir).get("previous") if mdir.is_dir() else None
+    mdir = model_dir(root, model_name)
+    return read_state(mdir).get("previous") if mdir.is_dir() else None
 
 
 __all__ = [
-    "ENV_NAME", "ENV_ROOT", "Built", "Device", "DeviceError", "DeviceMismatch", "LatencyOverBudget",
+    "ENV_NAME", "ENV_PREFIX", "ENV_ROOT", "Built", "Device", "DeviceError", "DeviceMismatch", "DeviceSettings",
+    "LatencyOverBudget",
     "ReferenceMismatch", "activate_checked", "active_registry_version", "build_on_device", "check_budget",
-    "check_reference", "choose_backend", "clean_work", "device_from_env", "install_built", "load_reference",
+    "check_reference", "choose_backend", "clean_work", "device_from_env", "device_settings", "install_built",
+    "load_reference",
     "new_workdir", "previous_version", "run_installed",
 ]

@@ -1,4 +1,4 @@
-"""A rollout's plan and its outcome, in plain Python (flows.rollout runs it on Prefect).
+"""A rollout's plan and its outcome, in plain Python (flows.deploy_flow runs it on Prefect).
 
     job = parse_job(params)                            # a device job, every field checked
     stages = plan_stages(targets, RolloutSettings())   # canary first, then the fleet, in waves
@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deploy.errors import DeployError
 from deploy.repository import validate_name
 from deploy.targets import DEPLOY_BACKENDS, Target
-from pfp.config import _format_error
+# Renamed by a parallel change to format_validation_error; switch when it lands.
+from pfp.config import format_validation_error
 
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 ROLES = ("gate", "canary", "fleet")
@@ -87,7 +88,7 @@ def parse_job(params: dict) -> DeviceJob:
     try:
         return DeviceJob.model_validate(params)
     except ValidationError as e:
-        raise JobError(_format_error(e, "device job")) from None
+        raise JobError(format_validation_error(e, "device job")) from None
 
 
 def job_for(target: Target, model_name: str, version: str, rollout_id: str, *, mode: str = "deploy",
@@ -115,6 +116,44 @@ class RolloutSettings(BaseModel):
     busy_timeout_s: float = Field(60.0, ge=0, description="how long a device job waits for the device's slot")
     max_time_s: float = Field(5.0, gt=0, le=600, description="timing budget per batch size on the device")
     threads: int | None = Field(None, ge=1, description="CPU threads for CPU backends on the device")
+
+
+class LatencyFigures(BaseModel):
+    """Latency at one batch size on the device, in milliseconds."""
+
+    p50_ms: float
+    p99_ms: float
+
+
+class DeviceResult(BaseModel):
+    """What a device job returns: the engine it built and checked, its figures, and (mode
+    "deploy") the repository version it installed. Stored whole as the job's MLflow artifact
+    device/result.json; the rollout reads it back from there."""
+
+    device: str
+    mode: Literal["deploy", "benchmark"]
+    model: str
+    version: str
+    rollout_id: str | None = None
+    backend: str
+    precision: str
+    artifact_sha256: str
+    skipped_backends: dict[str, str] = Field(default_factory=dict, description="backend -> why not on this device")
+    latency: dict[str, LatencyFigures] = Field(default_factory=dict, description='"b<batch>" -> figures')
+    parity: dict[str, float] = Field(default_factory=dict, description="max_rel_diff and top1 against the reference")
+    repository_version: int | None = None
+    previous_repository_version: int | None = None
+    seconds: dict[str, float] = Field(default_factory=dict, description="time per step, as the device measured it")
+
+    def status_line(self) -> str:
+        """One short line for a tag: outcome, backend, p50 at the smallest batch, version installed."""
+        head = f"{'active' if self.mode == 'deploy' else 'benchmarked'} on {self.backend}"
+        if self.latency:
+            key = min(self.latency, key=lambda b: int(b[1:]) if b[1:].isdigit() else 0)
+            head += f", p50 {self.latency[key].p50_ms:.3g} ms at {key}"
+        if self.repository_version is not None:
+            head += f", repository version {self.repository_version}"
+        return head
 
 
 @dataclass
@@ -158,16 +197,22 @@ class DeviceOutcome:
     status: Status
     reason: str = ""
     flow_run_id: str | None = None
-    result: dict[str, Any] | None = None        # the device's summary (flows.device._summary)
+    result: DeviceResult | None = None          # what the device job returned (None: it returned nothing)
     rolled_back: bool | None = None             # None: not needed / not attempted
     seconds: float = 0.0                        # dispatch to end, as the orchestrator saw it
+
+    def __post_init__(self) -> None:
+        # DeviceOutcome(**outcome.to_dict()) round-trips through Prefect task results.
+        if isinstance(self.result, dict):
+            self.result = DeviceResult.model_validate(self.result)
 
     @property
     def ok(self) -> bool:
         return self.status in ("active", "benchmarked")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready, the result included."""
+        return {**asdict(self), "result": self.result.model_dump(mode="json") if self.result else None}
 
 
 @dataclass
@@ -202,15 +247,15 @@ class RolloutReport:
                  "| device | stage | status | backend | p50 ms (smallest batch) | rolled back | reason |",
                  "|---|---|---|---|---|---|---|"]
         for o in self.outcomes:
-            r = o.result or {}
-            lat = next(iter((r.get("latency") or {}).values()), {})
-            lines.append(f"| {o.device} | {o.stage} | {o.status} | {r.get('backend', '-')} | "
-                         f"{lat.get('p50_ms', '-')} | {'-' if o.rolled_back is None else o.rolled_back} | "
+            lat = next(iter(o.result.latency.values()), None) if o.result else None
+            lines.append(f"| {o.device} | {o.stage} | {o.status} | {o.result.backend if o.result else '-'} | "
+                         f"{lat.p50_ms if lat else '-'} | {'-' if o.rolled_back is None else o.rolled_back} | "
                          f"{' '.join(o.reason.split()).replace('|', '/')[:300]} |")
         return "\n".join(lines) + "\n"
 
 
 __all__ = [
-    "DeviceJob", "DeviceOutcome", "JobError", "ROLES", "RolloutReport", "RolloutSettings", "Stage", "job_for",
+    "DeviceJob", "DeviceOutcome", "DeviceResult", "JobError", "LatencyFigures", "ROLES", "RolloutReport",
+    "RolloutSettings", "Stage", "job_for",
     "parse_job", "plan_stages",
 ]

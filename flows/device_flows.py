@@ -4,9 +4,9 @@
         prefect worker start --pool jetson-orin --work-queue orin-fleet-01
 
 Each device runs a process worker on its device class's work pool, taking work only from
-its own queue. `pfp deploy` (flows.rollout) sends these flows there with run_deployment and
+its own queue. `pfp deploy` (flows.deploy_flow) sends these flows there with run_deployment and
 `work_queue_name`. Who the device is and where its Triton model repository lies come from
-the worker's environment (deploy.device.device_from_env); the flow's `device` parameter
+the worker's environment (deploy.on_device.device_from_env); the flow's `device` parameter
 must name this device or the run is refused.
 
     download (MLflow, sha256 against the registry's tags) -> build (TensorRT if installed,
@@ -17,8 +17,9 @@ One job at a time per device: every flow here holds a slot of the Prefect global
 concurrency limit `pfp-device-<name>` (limit 1, created on first use), whose lease the
 server takes back if the holder dies; the repository's own per-model file lock guards the
 files underneath. Results go to MLflow (a run per device job, tagged with the rollout and
-device, its figures as metrics and the device's description as an artifact), which is how
-the rollout on the other side reads them: the device and the orchestrator share no files.
+device, its figures as metrics, its DeviceResult as device/result.json and the device's
+description as artifacts), which is how the rollout on the other side reads them: the
+device and the orchestrator share no files.
 """
 from __future__ import annotations
 
@@ -31,19 +32,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import requests
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from deploy import repository
-from deploy.device import (
+from deploy.on_device import (
     Built, Device, DeviceError, activate_checked, active_registry_version, build_on_device, check_budget,
     clean_work, device_from_env, install_built, new_workdir,
 )
-from deploy.rollout import DeviceJob, parse_job
+from deploy.rollout_plan import DeviceJob, DeviceResult, parse_job
 from flows.tracking import sigterm_raises
 
 LIMIT_PREFIX = "pfp-device-"
 LEASE_S = 60.0          # a dead holder's slot comes back within this (Prefect renews live leases)
-RESULT_TAG = "pfp.result"
+RESULT_TAG = "pfp.result"               # a short status line; the whole DeviceResult is RESULT_ARTIFACT
+RESULT_ARTIFACT = "device/result.json"
+NETWORK_RETRIES = 2
+NETWORK_RETRY_DELAYS_S = [2.0, 10.0]
+# MLflow wraps a failed HTTP request (after its own retries) as INTERNAL_ERROR; the server
+# says TEMPORARILY_UNAVAILABLE or REQUEST_LIMIT_EXCEEDED when it is overloaded.
+_TRANSIENT_MLFLOW_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 # Fault drills: PFP_FAULT_PAUSE=download:30 sleeps 30 s after that stage, so an operator (or
 # a test) can kill the worker at a known point and watch the device survive it.
 FAULT_ENV = "PFP_FAULT_PAUSE"
@@ -89,6 +99,15 @@ def device_slot(device: str, timeout_s: float) -> Iterator[None]:
         ctx.__exit__(None, None, None)
 
 
+def retry_on_network_error(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry a network failure, never a refusal (a bad sha256, a
+    missing version), which a second try would only repeat."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, MlflowException):
+        return exc.error_code in _TRANSIENT_MLFLOW_CODES
+    return isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
+
+
 def _drill(stage: str) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     if spec.partition(":")[0] == stage:
@@ -100,7 +119,8 @@ def _drill(stage: str) -> None:
 # --------------------------------------------------------------------------- tasks
 
 
-@task(name="download")
+@task(name="download", retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS_S,
+      retry_condition_fn=retry_on_network_error, cache_policy=NO_CACHE)
 def download_task(job: dict, workdir: str) -> dict:
     """Fetch the version's bundle from MLflow; model.onnx and reference.npz must match the
     sha256 tags the registry recorded (flows.registry.download_version)."""
@@ -162,13 +182,13 @@ def _device_run(j: DeviceJob, dev: Device, experiment: str, parent_run_id: str |
             raise
 
 
-def _record(result: dict, built: dict, machine: dict, budget_ms: float | None) -> None:
+def _record(result: DeviceResult, built: dict, machine: dict, budget_ms: float | None) -> None:
     import mlflow
 
     from export.machine import machine_summary
     from flows.tracking import log_metrics_at
 
-    metrics = {f"seconds.{k}": v for k, v in result["seconds"].items()}
+    metrics = {f"seconds.{k}": v for k, v in result.seconds.items()}
     for r in built["latency"]:
         for m in ("p50_ms", "p90_ms", "p99_ms", "throughput_per_s"):
             metrics[f"latency.b{r['batch']}.{m}"] = r[m]
@@ -177,33 +197,34 @@ def _record(result: dict, built: dict, machine: dict, budget_ms: float | None) -
     metrics["latency_budget_ms"] = budget_ms
     log_metrics_at(metrics)
     mlflow.set_tags({"pfp.backend": built["backend"], "pfp.artifact_sha256": built["artifact_sha256"],
-                     "pfp.outcome": "ok", RESULT_TAG: json.dumps(result, separators=(",", ":")),
+                     "pfp.outcome": "ok", RESULT_TAG: result.status_line()[:5000],
                      "pfp.machine": machine_summary(machine)[:5000]})
+    mlflow.log_dict(result.model_dump(mode="json"), RESULT_ARTIFACT)
     mlflow.log_dict(machine, "device/machine.json")
     mlflow.log_dict(built, "device/build.json")
 
 
-def _summary(j: DeviceJob, dev: Device, built: dict, installed: dict | None, seconds: dict) -> dict:
-    return {
-        "device": dev.name, "mode": j.mode, "model": j.model_name, "version": j.version,
-        "backend": built["backend"], "precision": built["precision"], "artifact_sha256": built["artifact_sha256"],
-        "skipped_backends": built["skipped_backends"],
-        "latency": {f"b{r['batch']}": {"p50_ms": round(r["p50_ms"], 4), "p99_ms": round(r["p99_ms"], 4)}
-                    for r in built["latency"]},
-        "parity": {"max_rel_diff": built["parity"]["max_rel_diff"], "top1": built["parity"]["top1_agreement"]},
-        "repository_version": installed["repository_version"] if installed else None,
-        "previous_repository_version": installed["previous"] if installed else None,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    }
+def _summary(j: DeviceJob, dev: Device, built: dict, installed: dict | None, seconds: dict) -> DeviceResult:
+    return DeviceResult(
+        device=dev.name, mode=j.mode, model=j.model_name, version=j.version, rollout_id=j.rollout_id,
+        backend=built["backend"], precision=built["precision"], artifact_sha256=built["artifact_sha256"],
+        skipped_backends=built["skipped_backends"],
+        latency={f"b{r['batch']}": {"p50_ms": round(r["p50_ms"], 4), "p99_ms": round(r["p99_ms"], 4)}
+                 for r in built["latency"]},
+        parity={"max_rel_diff": built["parity"]["max_rel_diff"], "top1": built["parity"]["top1_agreement"]},
+        repository_version=installed["repository_version"] if installed else None,
+        previous_repository_version=installed["previous"] if installed else None,
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
 
 
 # --------------------------------------------------------------------------- flows
 
 
 @flow(name="pfp-device-deploy")
-def device_deploy_flow(job: dict, experiment: str, parent_run_id: str | None = None) -> dict:
+def device_deploy_flow(job: dict, experiment: str, parent_run_id: str | None = None) -> DeviceResult:
     """On the device: download, build, check, benchmark, then (mode "deploy") install and
-    activate the version. Returns the summary that is also the MLflow run's `pfp.result`."""
+    activate the version. Returns the DeviceResult that is also the MLflow run's device/result.json."""
     from export.machine import describe_machine
 
     logger = get_run_logger()
@@ -215,7 +236,7 @@ def device_deploy_flow(job: dict, experiment: str, parent_run_id: str | None = N
         waited = time.perf_counter() - start
         for name in clean_work(dev):
             logger.warning(f"removed {name}: left by a job that died")
-        if repository._model_dir(dev.root, j.model_name).is_dir():
+        if repository.model_dir(dev.root, j.model_name).is_dir():
             left = repository.cleanup(dev.root, j.model_name, keep=j.keep_versions)
             if left["removed_temp"]:
                 logger.warning(f"removed leftovers of a job that died: {left['removed_temp']}")
@@ -307,8 +328,8 @@ def device_status_flow(device: str) -> dict:
 
 
 DEVICE_FLOWS = {"deploy": device_deploy_flow, "rollback": device_rollback_flow, "status": device_status_flow}
-ENTRYPOINTS = {"deploy": "flows/device.py:device_deploy_flow", "rollback": "flows/device.py:device_rollback_flow",
-               "status": "flows/device.py:device_status_flow"}
+ENTRYPOINTS = {"deploy": "flows/device_flows.py:device_deploy_flow", "rollback": "flows/device_flows.py:device_rollback_flow",
+               "status": "flows/device_flows.py:device_status_flow"}
 
 
 def deployment_name(kind: str, pool: str) -> str:
@@ -331,6 +352,6 @@ def register_device_deployments(pools: list[str], source: str | Path) -> list[st
 
 
 __all__ = [
-    "DEVICE_FLOWS", "device_deploy_flow", "device_rollback_flow", "device_state", "device_status_flow",
-    "deployment_name", "ensure_device_limits", "limit_name", "register_device_deployments",
+    "DEVICE_FLOWS", "RESULT_ARTIFACT", "RESULT_TAG", "device_deploy_flow", "device_rollback_flow", "device_state", "device_status_flow",
+    "deployment_name", "ensure_device_limits", "limit_name", "register_device_deployments", "retry_on_network_error",
 ]
