@@ -218,8 +218,9 @@ def test_child_of_a_named_parent_and_ending_runs_from_outside(exp):
 
 def test_is_transient():
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
     assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
-    assert is_transient(MlflowException("server error", error_code="TEMPORARILY_UNAVAILABLE"))
-    assert not is_transient(MlflowException("no such run", error_code="RESOURCE_DOES_NOT_EXIST"))
+    assert is_transient(MlflowException("server error", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST))
     assert not is_transient(ValueError("bad bundle"))
