@@ -162,7 +162,21 @@ def gate_task(gate: GateConfig, base_acc: float, acc: float, latency: dict[str, 
 def _with_storage(t, run_dir: Path):
     """The task with its results persisted under the run folder, which dispatched workers
     share (output_dir), so a resumed run finds what any of them finished."""
-    return t.with_options(result_storage=LocalFileSystem(basepath=str(run_dir / RESULTS_DIR)))
+    folder = (run_dir / RESULTS_DIR).resolve()
+    name = "pfp-results-" + stable_hash(str(folder))
+    from prefect.settings import PREFECT_API_URL
+
+    key = (name, str(PREFECT_API_URL.value()))  # saved once per Prefect server
+    if key not in _STORAGE:
+        # Prefect wants result storage saved server-side (a block), so that any process
+        # that reads the result record finds where it lives.
+        block = LocalFileSystem(basepath=str(folder))
+        block.save(name, overwrite=True)
+        _STORAGE[key] = block
+    return t.with_options(result_storage=_STORAGE[key])
+
+
+_STORAGE: dict[tuple[str, str], LocalFileSystem] = {}
 
 
 def _timed(fn: Callable[..., Any], *args: Any, cached: list[str] | None = None, label: str = "",
