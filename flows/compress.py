@@ -14,7 +14,7 @@ reuses its own finished model file and its mid-retrain checkpoint, pfp.pipeline)
 
 MLflow gets one parent run per flow run and one child run per round. A failure or a
 cancellation leaves none of them RUNNING: tracked_run ends them FAILED on any exception
-(SIGTERM included: Prefect's engine turns it into TerminationSignal), the flow's
+(SIGTERM included, turned into KeyboardInterrupt by tracking.sigterm_raises), the flow's
 on_crashed/on_cancellation hooks end what a killed process could not, and the next run
 ends runs whose process died (SIGKILL, power loss).
 """
@@ -42,7 +42,7 @@ from flows.config import PipelineConfig, load_pipeline_config, stable_hash
 from flows.errors import FlowError
 from flows.tracking import (
     check_tracking_server, end_running_runs, flatten_params, is_transient, log_metrics_at, resolve_tracking_uri,
-    run_tags, setup_mlflow, tracked_run,
+    run_tags, setup_mlflow, sigterm_raises, tracked_run,
 )
 from pfp.files import sha256_file
 from pfp.pipeline import choose
@@ -565,6 +565,10 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
     config_hash = cfg.config_hash()
     work: dict[str, float] = {}
     cached: list[str] = []
+    # Kept: tests/test_flows.py::test_crash_and_resume shows that a flow called in-process
+    # does not end on SIGTERM with Prefect's own bridge alone (it hung); this turns SIGTERM
+    # into KeyboardInterrupt, which tracked_run ends FAILED and Prefect reports as a crash.
+    sigterm_raises()
     for run_id in _fail_orphaned_runs(client, experiment_id, config_hash):
         logger.warning(f"MLflow run {run_id} was left RUNNING by a process that died; marked FAILED")
 

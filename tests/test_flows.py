@@ -190,7 +190,7 @@ def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
 @pytest.mark.slow
 def test_crash_and_resume(tmp_path):
     """Kill the flow (SIGTERM, as a cancelled worker does) in round 2; the MLflow runs end
-    FAILED (Prefect's engine turns SIGTERM into TerminationSignal; no handler of ours), and
+    FAILED (flows.tracking.sigterm_raises turns SIGTERM into KeyboardInterrupt), and
     the re-run gets round 1 from the task cache the killed run persisted."""
     raw = tiny(tmp_path, prune={"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
                                 "tolerance": 100.0, "calib_split": 0.25},
