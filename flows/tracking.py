@@ -290,9 +290,10 @@ def log_metrics_at(metrics: dict[str, float | None], step: int | None = None, *,
 
 def sigterm_raises() -> None:
     """SIGTERM would end Python without running `finally` blocks and leave MLflow runs
-    RUNNING; turn it into KeyboardInterrupt. Not needed inside a Prefect flow: Prefect's
-    flow engine installs its own SIGTERM bridge (TerminationSignal, a BaseException that
-    tracked_run handles) and runs the flow's on_crashed/on_cancellation hooks."""
+    RUNNING; turn it into KeyboardInterrupt. Still needed inside a flow called in-process:
+    with Prefect 3.8's own SIGTERM bridge alone, such a flow did not end on SIGTERM
+    (tests/test_flows.py::test_crash_and_resume); the flow's on_crashed/on_cancellation
+    hooks cover the runs a killed worker process leaves."""
     if threading.current_thread() is threading.main_thread():
         def handler(signum, frame):  # noqa: ARG001 - signal handler signature
             raise KeyboardInterrupt(f"signal {signum}")
