@@ -155,7 +155,7 @@ def validate_cmd(
     set_: SetOpt = None,
     show_default: ShowDefaultOpt = False,
 ) -> None:
-    """Check a pipeline config (every section, model name, targets, gate) without running anything."""
+    """Check a pipeline config (every section, model name, backends, gate) without running anything."""
     if show_default:
         from flows.config import pipeline_quickstart_text
 
@@ -174,8 +174,8 @@ def validate_cmd(
         p = cfg.prune
         Console().print(
             f"OK: {config or '<quickstart defaults>'}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}; {p.method} cascade to "
-            f"{', '.join(f'{r:g}' for r in p.keep_ratios)} of the {p.target}; targets "
-            f"{', '.join(t.name + ' (' + t.backend + ')' for t in cfg.targets)}; gate: accuracy drop <= "
+            f"{', '.join(f'{r:g}' for r in p.keep_ratios)} of the {p.target}; backends "
+            f"{', '.join(t.name + ' (' + t.backend + ')' for t in cfg.backends)}; gate: accuracy drop <= "
             f"{cfg.gate.max_acc_drop:g} points and {len(cfg.gate.latency)} latency check(s)",
             highlight=False, soft_wrap=True,
         )

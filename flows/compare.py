@@ -13,10 +13,9 @@ import time
 
 from prefect import flow, get_run_logger, task
 
-from flows.config import PipelineConfig, config_from_json, load_pipeline_config
+from flows.config import PipelineConfig, load_pipeline_config
 from flows.tracking import flatten_params, log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, tracked_run
 from pfp.compare import CompareResult, ComparePoint, compare_config, compare_points, run_point, save_compare
-from pfp.files import stable_hash
 from pfp.results import RoundResult
 from pfp.setup import cached_setup
 
@@ -31,19 +30,17 @@ def point_task(cfg: PipelineConfig, point: ComparePoint) -> RoundResult:
 
 
 @flow(name="pfp-compare", log_prints=False)
-def compare_flow(config: dict | None = None, config_path: str | None = None, methods: list[str] | None = None,
-                 reductions: list[float] | None = None) -> list[RoundResult]:
+def compare_flow(config: PipelineConfig | None = None, config_path: str | None = None,
+                 methods: list[str] | None = None, reductions: list[float] | None = None) -> list[RoundResult]:
     """Every (method, reduction) point as a task and an MLflow run in the config's experiment.
 
-    The config is a plain dict, or a YAML file (`config_path`, as deployments pass it).
+    The config is a PipelineConfig (Prefect validates a mapping into one), or a YAML file
+    (`config_path`, as deployments pass it).
     """
     import mlflow
 
-    if config is None:
-        cfg = load_pipeline_config(config_path)
-        config = cfg.model_dump(mode="json")
-    else:
-        cfg = config_from_json(config)
+    cfg = config if config is not None else load_pipeline_config(config_path)
+    config = cfg.model_dump(mode="json")
     cc = compare_config(cfg, methods or None, reductions or None)
     logger = get_run_logger()
     setup_mlflow(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir), f"{cfg.experiment_name}-compare")
@@ -52,7 +49,7 @@ def compare_flow(config: dict | None = None, config_path: str | None = None, met
     base = setup.base_info()
     result = CompareResult(name=cfg.name, base=base, rows=[], seconds=0.0, retrain_epochs=cfg.retrain.epochs,
                            tolerance=cfg.prune.tolerance, out=setup.run_dir / "compare", config=cfg.model_dump())
-    tags = run_tags(stable_hash(config), base.data_hash) | {"pfp.flow": "compare"}
+    tags = run_tags(cfg.config_hash(), base.data_hash) | {"pfp.flow": "compare"}
     for point, row in compare_points(cc, lambda p: point_task(cfg, p)):
         result.rows.append(row)
         with tracked_run(f"{point.title} -{point.reduction:.0%} FLOPs",

@@ -91,6 +91,8 @@ def register_candidate(model_name: str, run_id: str, artifact_path: str, tags: d
     if REFERENCE_FILE in present and not version_tags.get(REFERENCE_TAG):
         version_tags[REFERENCE_TAG] = _logged_sha256(client, run_id, artifact_path, REFERENCE_FILE)
 
+    # Not mlflow.register_model: for a runs:/ source it requires an MLflow model (an MLmodel
+    # file or a LoggedModel) at that path (MLflow 3.x), and a bundle is plain files.
     _ensure_registered_model(client, model_name)
     mv = client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
                                      tags=version_tags)

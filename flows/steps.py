@@ -4,17 +4,15 @@ work pool's worker.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
-from export.bundle import export_bundle, read_meta
+from export.bundle import export_bundle, load_bundle, read_meta
 from export.efficiency import Candidate, bench_side_by_side, efficiency_rows
-from export.bundle import load_bundle
 from export.inputs import calibration_inputs, test_batches
 from export.latency import LatencySettings
-from export.onnx_export import sha256_file
-from flows.config import PipelineConfig, TargetConfig
+from export.results import BenchmarkResult, BundleInfo, EfficiencyRow, LatencyRow
+from flows.config import BackendConfig, PipelineConfig
 from pfp.prune import PruneError
 from pfp.results import BaseInfo, RoundResult
 from pfp.rounds import RoundSpec, run_round
@@ -45,60 +43,48 @@ def iterate(cfg: PipelineConfig, index: int, parent: str | None, *, progress: bo
     return row.model_copy(update={"task_seconds": time.perf_counter() - start})
 
 
-def export_model(cfg: PipelineConfig, model_path: str, out_dir: str) -> dict:
+def export_model(cfg: PipelineConfig, model_path: str, out_dir: str) -> BundleInfo:
     """Bundle `model_path` into `out_dir` (ONNX, checks, parity on the test set).
 
-    An existing bundle made from the same model file is reused (resume after a crash).
+    Resume after a crash is the export task's cache (flows.compress), not a check here.
     """
     start = time.perf_counter()
-    out = Path(out_dir)
-    if (out / "export.json").is_file():
-        try:
-            meta = read_meta(out)
-            if meta["model"]["sha256"] == sha256_file(model_path):
-                load_bundle(out)  # verifies both files' hashes
-                return {"bundle": str(out), "meta": meta, "reused": True, "seconds": time.perf_counter() - start}
-        except (OSError, ValueError, KeyError):
-            pass  # not a usable bundle: export again
     setup = cached_setup(cfg, progress=False)
     e = cfg.export
     _, meta = export_bundle(
-        model_path, out, test_batches(setup.data), parity_samples=e.parity_samples, opset=e.opset,
+        model_path, Path(out_dir), test_batches(setup.data), parity_samples=e.parity_samples, opset=e.opset,
         exporter=e.exporter, simplify=e.simplify,
     )
-    return {"bundle": str(out), "meta": meta, "reused": False, "seconds": time.perf_counter() - start}
+    return BundleInfo.from_meta(str(out_dir), meta, time.perf_counter() - start)
 
 
-def benchmark(cfg: PipelineConfig, target: TargetConfig, bundles: dict[str, str], baseline: str) -> dict:
-    """Time every bundle on `target` side by side; latency results and speed-up efficiency.
+def benchmark(cfg: PipelineConfig, backend: BackendConfig, bundles: dict[str, str], baseline: str) -> BenchmarkResult:
+    """Time every bundle on `backend` side by side; latency results and speed-up efficiency.
 
-    Returns {"results": [...], "efficiency": [...], "error": None}; a target that cannot
-    run here (backend missing, no GPU) gives {"error": reason} instead of raising, so the
-    gate can record why it was not evaluated.
+    A backend that cannot run here (missing, no GPU) comes back with its `error` instead of
+    raising, so the gate can record why it was not evaluated.
     """
     from export.backends import BackendError, BackendUnavailable
 
     start = time.perf_counter()
-    settings = LatencySettings(threads=target.threads, max_time_s=target.max_time_s,
-                               min_time_s=min(1.0, target.max_time_s))
+    settings = LatencySettings(threads=backend.threads, max_time_s=backend.max_time_s,
+                               min_time_s=min(1.0, backend.max_time_s))
     try:
         candidates = [Candidate(label, load_bundle(path), int(read_meta(path)["flops"])) for label, path in bundles.items()]
         calibration = None
-        if target.precision == "int8":
+        if backend.precision == "int8":
             calibration = calibration_inputs(cached_setup(cfg, progress=False).data, n=512, seed=cfg.seed)
         results = bench_side_by_side(
-            candidates, [target.backend], [target.precision], target.batch_sizes, settings=settings,
+            candidates, [backend.backend], [backend.precision], backend.batch_sizes, settings=settings,
             rounds=2 if len(candidates) > 1 else 1, calibration=calibration,
-            workdir=Path(bundles[baseline]).parent / "build" / target.name,
+            workdir=Path(bundles[baseline]).parent / "build" / backend.name,
         )
     except (BackendUnavailable, BackendError) as e:
-        return {"target": target.name, "results": [], "efficiency": [], "error": str(e),
-                "seconds": time.perf_counter() - start}
+        return BenchmarkResult(backend=backend.name, error=str(e), seconds=time.perf_counter() - start)
     flops = {c.label: c.flops for c in candidates}
-    return {
-        "target": target.name,
-        "results": [dataclasses.asdict(r) for r in results],
-        "efficiency": efficiency_rows(results, flops, baseline),
-        "error": None,
-        "seconds": time.perf_counter() - start,
-    }
+    return BenchmarkResult(
+        backend=backend.name,
+        results=[LatencyRow.from_result(r) for r in results],
+        efficiency=[EfficiencyRow(**row) for row in efficiency_rows(results, flops, baseline)],
+        seconds=time.perf_counter() - start,
+    )

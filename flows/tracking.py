@@ -17,7 +17,11 @@ MLflow details these helpers handle (MLflow 3.17):
   active-run stack, which is not its own run when a nested run was left open, and
   `end_run` pops the stack before writing the status, so a failed write leaves the run
   RUNNING; MLflow's atexit hook then ends leftovers as FINISHED. tracked_run ends its own
-  run (and anything left open above it) FAILED on any exception, KeyboardInterrupt included.
+  run (and anything left open above it) FAILED on any exception, KeyboardInterrupt and
+  Prefect's TerminationSignal included (tests/test_tracking.py shows each case), which is
+  why it wraps `mlflow.start_run` instead of using its context manager.
+- A process that is killed outright runs no `finally`; `end_running_runs` ends its runs
+  from outside (a Prefect on_cancellation/on_crashed hook, the next run's orphan sweep).
 - The fluent `mlflow.log_*` calls start a run when none is active; log_metrics_at refuses
   instead of creating a stray run.
 """
@@ -287,8 +291,11 @@ def log_metrics_at(metrics: dict[str, float | None], step: int | None = None, *,
 
 
 def sigterm_raises() -> None:
-    """A worker cancelling a flow run sends SIGTERM, which would end Python without running
-    `finally` blocks and leave MLflow runs RUNNING; turn it into KeyboardInterrupt."""
+    """SIGTERM would end Python without running `finally` blocks and leave MLflow runs
+    RUNNING; turn it into KeyboardInterrupt. Still needed inside a flow called in-process:
+    with Prefect 3.8's own SIGTERM bridge alone, such a flow did not end on SIGTERM
+    (tests/test_flows.py::test_crash_and_resume); the flow's on_crashed/on_cancellation
+    hooks cover the runs a killed worker process leaves."""
     if threading.current_thread() is threading.main_thread():
         def handler(signum, frame):  # noqa: ARG001 - signal handler signature
             raise KeyboardInterrupt(f"signal {signum}")
@@ -315,14 +322,14 @@ def _end_runs_above(outer_id: str | None, status: str) -> None:
 
 
 @contextmanager
-def tracked_run(name: str, *, nested: bool = False, tags: dict | None = None,
+def tracked_run(name: str, *, nested: bool = False, parent_run_id: str | None = None, tags: dict | None = None,
                 params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start a run (nested under the active run if `nested`), log `params`, yield it; end it
-    FINISHED, or FAILED on any exception including KeyboardInterrupt (re-raised). Runs
-    started inside and left open are ended with it."""
+    """Start a run (nested under the active run if `nested`, a child of `parent_run_id` if
+    given), log `params`, yield it; end it FINISHED, or FAILED on any exception including
+    KeyboardInterrupt (re-raised). Runs started inside and left open are ended with it."""
     outer = mlflow.active_run()
     outer_id = outer.info.run_id if outer is not None else None
-    run = mlflow.start_run(run_name=name, nested=nested,
+    run = mlflow.start_run(run_name=name, nested=nested or parent_run_id is not None, parent_run_id=parent_run_id,
                            tags={k: str(v) for k, v in (tags or {}).items()})
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
@@ -334,7 +341,41 @@ def tracked_run(name: str, *, nested: bool = False, tags: dict | None = None,
         _end_runs_above(outer_id, status)
 
 
+def end_running_runs(client: MlflowClient, experiment_id: str, filter_string: str, status: str,
+                     reason: str) -> list[str]:
+    """End the RUNNING runs of `experiment_id` that match `filter_string`, and their RUNNING
+    children, with `status` (FAILED, KILLED) and a `pfp.end_reason` tag. Returns the ids
+    of the matching runs. For runs whose process can no longer end them itself."""
+    ended = []
+    running = f"{filter_string} and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], running):
+        parent = f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+        for child in client.search_runs([experiment_id], f"{parent} and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, "pfp.end_reason", reason)
+            client.set_terminated(child.info.run_id, status)
+        client.set_tag(run.info.run_id, "pfp.end_reason", reason)
+        client.set_terminated(run.info.run_id, status)
+        ended.append(run.info.run_id)
+    return ended
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A network or server hiccup worth retrying (connection refused or reset, timeout,
+    HTTP 5xx/429 from the tracking server), not a bad request that fails again."""
+    if isinstance(exc, (ConnectionError, TimeoutError, urllib.error.URLError)):
+        return True
+    if isinstance(exc, MlflowException):
+        code = getattr(exc, "get_http_status_code", lambda: 500)()
+        return code >= 500 or code == 429 or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR")
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - Prefect depends on httpx
+        return False
+    return isinstance(exc, httpx.TransportError)
+
+
 __all__ = [
-    "MAX_PARAM_VAL_LENGTH", "TrackingError", "check_tracking_server", "flatten_params", "log_metrics_at",
-    "resolve_tracking_uri", "run_tags", "setup_mlflow", "sigterm_raises", "sqlite_path", "sqlite_uri", "tracked_run",
+    "MAX_PARAM_VAL_LENGTH", "TrackingError", "check_tracking_server", "end_running_runs", "flatten_params",
+    "is_transient", "log_metrics_at", "resolve_tracking_uri", "run_tags", "setup_mlflow", "sigterm_raises",
+    "sqlite_path", "sqlite_uri", "tracked_run",
 ]

@@ -33,7 +33,7 @@ def tiny(tmp: Path, **extra) -> dict:
         "prune": {"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
                   "tolerance": 100.0, "calib_split": 0.25},
         "export": {"exporter": "torchscript", "parity_samples": 64},
-        "targets": [{"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1}],
+        "backends": [{"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1}],
         "gate": {"max_acc_drop": 100.0, "latency": [{"target": "cpu", "batch": 8, "metric": "p50", "max_ms": 1000.0}]},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
     }
@@ -104,8 +104,8 @@ def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
     rounds = sorted((tmp_path / "runs" / "tiny").glob("round_*/model.pt"))
     written = {p: p.stat().st_mtime_ns for p in rounds}
     assert len(written) == 2
-    # Second run: impossible speed-up, and a gate target that cannot run here.
-    cfg = tiny(tmp_path, targets=[
+    # Second run: impossible speed-up, and a gate backend that cannot run here.
+    cfg = tiny(tmp_path, backends=[
         {"name": "cpu", "backend": "ort-cpu", "batch_sizes": [1, 8], "max_time_s": 0.3, "threads": 1},
         {"name": "gpu", "backend": "torch-cuda", "batch_sizes": [8], "max_time_s": 0.3},
         {"name": "edge", "backend": "ort-cpu", "batch_sizes": [1], "deployment": "pfp-benchmark/offline-device"},
@@ -121,15 +121,17 @@ def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
     reasons = " ".join(str(c.get("reason")) for c in checks.values())
     if not torch.cuda.is_available():  # the gpu target is down here: not passed, with the reason
         assert "no CUDA GPU" in reasons, reasons
-    # A target whose device deployment does not exist (device offline, never deployed).
+    # A backend whose device deployment does not exist (device offline, never deployed).
     assert not checks["edge.b1.p50_ms"]["passed"] and "pfp-benchmark/offline-device" in checks["edge.b1.p50_ms"]["reason"]
 
     client = _client(tmp_path)
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "2"
     assert client.get_model_version("tiny", "2").tags["gate.passed"] == "false"
-    # Nothing was recomputed: the second run reused both rounds of the first (their files untouched).
+    # Nothing was recomputed: the second run got both rounds and the exports from the task cache.
     assert {p: p.stat().st_mtime_ns for p in rounds} == written
+    assert {"round_1", "round_2", "export unpruned", "export round_1"} <= set(second["cached"])
+    assert "benchmark gpu" not in second["cached"]  # a backend that was down is not cached as down
 
 
 def test_invalid_config_fails_before_any_work(tmp_path):
@@ -171,10 +173,10 @@ def test_serve_builds_scheduled_deployments(tmp_path):
 
 def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
     from flows.compare import compare_flow
-    from flows.config import load_pipeline_config, config_from_json
+    from flows.config import PipelineConfig, load_pipeline_config
 
-    cfg = config_from_json(tiny(tmp_path))
-    rows = compare_flow(cfg.model_dump(mode="json"), methods=["pfp", "ft"], reductions=[0.5])
+    cfg = PipelineConfig.model_validate(tiny(tmp_path))
+    rows = compare_flow(cfg, methods=["pfp", "ft"], reductions=[0.5])
     assert len(rows) == 4 and all(r.error is None for r in rows)  # each method plain and post-processed
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("tiny-compare")
@@ -188,7 +190,8 @@ def test_compare_flow_logs_one_run_per_point(harness, tmp_path):
 @pytest.mark.slow
 def test_crash_and_resume(tmp_path):
     """Kill the flow (SIGTERM, as a cancelled worker does) in round 2; the MLflow runs end
-    FAILED, and the re-run reuses round 1 instead of recomputing it."""
+    FAILED (flows.tracking.sigterm_raises turns SIGTERM into KeyboardInterrupt), and
+    the re-run gets round 1 from the task cache the killed run persisted."""
     raw = tiny(tmp_path, prune={"keep_ratios": [0.6, 0.4], "round_to": 1, "calib_size": 32, "holdout_size": 16,
                                 "tolerance": 100.0, "calib_split": 0.25},
                retrain={"epochs": 40, "lr": 0.02, "amp": "off"})  # round 2 takes long enough to be killed in
@@ -221,11 +224,11 @@ def test_crash_and_resume(tmp_path):
 
     from flows.compress import compress_flow
 
-    raw["retrain"]["epochs"] = 40
     with prefect_test_harness(server_startup_timeout=120):
         result = compress_flow(config_path=str(cfg_path))
     assert done1.stat().st_mtime_ns == first_round  # round 1 reused, not recomputed
-    assert result["rounds"][0]["task_seconds"] < result["rounds"][1]["task_seconds"]
+    assert "round_1" in result["cached"] and "round_2" not in result["cached"]  # persisted by the killed run
+    assert result["work_seconds"]["round_1"] < result["work_seconds"]["round_2"]
 
 
 def test_validate_checks_a_whole_pipeline_config(tmp_path):
@@ -236,10 +239,40 @@ def test_validate_checks_a_whole_pipeline_config(tmp_path):
     res = cli.invoke(app, ["validate", str(path)])
     assert res.exit_code == 0 and "targets cpu (ort-cpu)" in res.output
     raw = tiny(tmp_path)
-    raw["targets"][0]["name"] = "../etc"
+    raw["backends"][0]["name"] = "../etc"
     path.write_text(yaml.safe_dump(raw))
     res = cli.invoke(app, ["validate", str(path)])
-    assert res.exit_code == 2 and "field 'targets.0.name'" in res.output
+    assert res.exit_code == 2 and "field 'backends.0.name'" in res.output
+
+
+def test_old_targets_key_points_to_backends(tmp_path):
+    from flows.config import PipelineConfig, load_pipeline_config
+    from pfp.config import ConfigError
+
+    raw = tiny(tmp_path)
+    raw["targets"] = raw.pop("backends")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: field 'targets': 'targets' is now 'backends'") and "\n" not in msg
+    with pytest.raises(ValueError, match="'targets' is now 'backends'"):
+        PipelineConfig.model_validate(raw)  # a dict passed as a flow parameter
+
+
+def test_targets_file_is_read_once_and_carried(tmp_path):
+    from flows.config import PipelineConfig, load_pipeline_config
+
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(yaml.safe_dump({"targets": [{"name": "orin", "work_pool": "p", "role": "gate"}]}))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path, edge={"targets_file": str(devices)})))
+    cfg = load_pipeline_config(path)
+    assert [t.name for t in cfg.edge.gate_targets()] == ["orin"]
+    devices.unlink()  # what crosses a task or process boundary carries the devices: no second read
+    again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again.edge.devices == cfg.edge.devices and again.config_hash() == cfg.config_hash()
 
 
 def test_unreachable_target_stops_the_cascade_and_keeps_earlier_rounds(harness, tmp_path):

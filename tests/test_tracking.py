@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.tracking import (
-    MAX_PARAM_VAL_LENGTH, TrackingError, check_tracking_server, flatten_params, log_metrics_at, resolve_tracking_uri,
-    run_tags, setup_mlflow, sqlite_path, tracked_run,
+    MAX_PARAM_VAL_LENGTH, TrackingError, check_tracking_server, end_running_runs, flatten_params, is_transient,
+    log_metrics_at, resolve_tracking_uri, run_tags, setup_mlflow, sqlite_path, tracked_run,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,3 +199,28 @@ def test_run_tags_have_provenance(exp):
         pass
     got = MlflowClient().get_run(run.info.run_id).data.tags
     assert got["git.commit"] == tags["git.commit"] and got["pfp.data_hash"] == "data456"
+
+
+def test_child_of_a_named_parent_and_ending_runs_from_outside(exp):
+    with tracked_run("parent", tags={"pfp.flow_run_id": "fr-1"}) as parent:
+        with tracked_run("child", parent_run_id=parent.info.run_id) as child:
+            assert MlflowClient().get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # A process killed outright ends nothing itself: its runs stay RUNNING until a hook ends them.
+    left = MlflowClient().create_run(exp, tags={"pfp.flow_run_id": "fr-2"})
+    left_child = MlflowClient().create_run(exp, tags={"mlflow.parentRunId": left.info.run_id})
+    ended = end_running_runs(MlflowClient(), exp, "tags.`pfp.flow_run_id` = 'fr-2'", "KILLED", "cancelled")
+    assert ended == [left.info.run_id]
+    assert status(left.info.run_id) == status(left_child.info.run_id) == "KILLED"
+    assert MlflowClient().get_run(left.info.run_id).data.tags["pfp.end_reason"] == "cancelled"
+    assert status(parent.info.run_id) == "FINISHED"  # other flow runs' runs untouched
+    assert end_running_runs(MlflowClient(), exp, "tags.`pfp.flow_run_id` = 'fr-1'", "KILLED", "x") == []
+
+
+def test_is_transient():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
+    assert is_transient(MlflowException("server error", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_transient(ValueError("bad bundle"))
