@@ -29,6 +29,18 @@ class BaseInfo(_Result):
     seconds: float = 0.0
 
 
+class EpochPoint(_Result):
+    """One retraining epoch: the curves a tracking UI draws (accuracies in percent)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    seconds: float
+
+
 class RoundResult(_Result):
     """One prune-retrain-evaluate round (or one comparison point).
 

@@ -13,6 +13,7 @@ retraining resumes from retrain.ckpt.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pfp.files import stable_hash
 from pfp.models import build_model
 from pfp.prune import prune
 from pfp.resources import count_flops, count_params, format_count
-from pfp.results import RoundResult
+from pfp.results import EpochPoint, RoundResult
 from pfp.serialization import CheckpointError, load_model, save_model
 from pfp.setup import DATA_RUNTIME_FIELDS, Setup
 from pfp.train import claim_checkpoint, drop_checkpoint, evaluate, seed_everything, switch_enabled, train
@@ -165,14 +166,14 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
              "  (resuming from retrain.ckpt)" if ckpt.exists() else "")
     start = time.perf_counter()
     try:
-        train(pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
-              checkpoint_path=ckpt, resume=True, progress=progress)
+        trained = train(pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
+                        checkpoint_path=ckpt, resume=True, progress=progress)
     except CheckpointError as e:  # e.g. the re-pruned network has other channel counts than the checkpoint
         log.warning("%s; retraining from the start", e)
         drop_checkpoint(ckpt)
         ckpt = claim_checkpoint(spec.out / "retrain.ckpt", key)
-        train(pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
-              checkpoint_path=ckpt, resume=False, progress=progress)
+        trained = train(pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
+                        checkpoint_path=ckpt, resume=False, progress=progress)
     if soft is not None:
         pruned, report = soft.finalize(pruned)
         pruned.to(device)
@@ -188,7 +189,8 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
         flops_removed_pct=_pct_removed(flops, setup.flops), acc_before_retrain=before["acc"], acc=after["acc"],
         loss=after["loss"], acc_change=after["acc"] - setup.acc, eps=eps, prune_seconds=prune_seconds,
         retrain_seconds=retrain_seconds, seconds=prune_seconds + retrain_seconds, model_path=str(model_path),
-        report_path=str(report_path), **_measured(report_dict),
+        report_path=str(report_path), history=[EpochPoint(**dataclasses.asdict(e)) for e in trained.history],
+        **_measured(report_dict),
     )  # fmt: skip
     report.save_json(report_path)
     # The model file is written last: with its step key it marks the round finished.
