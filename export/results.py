@@ -61,6 +61,13 @@ class LatencyRow(_Result):
     ci_rel: float | None = None
     cores: list[int] | None = None
     input_shape: list[int] | None = None
+    p50_ci_low_ms: float | None = None
+    p50_ci_high_ms: float | None = None
+    p99_ci_low_ms: float | None = None
+    p99_ci_high_ms: float | None = None
+    rel_ci_goal: float | None = None
+    max_time_s: float | None = None
+    attempt: int = 1
 
     @classmethod
     def from_result(cls, r: LatencyResult) -> "LatencyRow":

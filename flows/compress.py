@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import psutil
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.filesystems import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
-from rich.console import Console
 
 from deploy.gate import GateConfig, GateDecision, LatencyCheck, evaluate_gate
 from export.results import BenchmarkResult, BundleInfo
@@ -367,13 +367,8 @@ def _fail_orphaned_runs(client, experiment_id: str, config_hash: str) -> list[st
         if tags.get("pfp.host") != host or not tags.get("pfp.pid", "").isdigit():
             continue
         pid = int(tags["pfp.pid"])
-        try:
-            os.kill(pid, 0)
+        if psutil.pid_exists(pid):
             continue  # still alive: a concurrent run, not an orphan
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
         ended += end_running_runs(client, experiment_id, f"attributes.run_id = '{run.info.run_id}'", "FAILED",
                                   f"process {pid} on {host} died without ending the run")
     return ended
@@ -546,7 +541,7 @@ def _edge_gate_bench(cfg: PipelineConfig, devices: list, version: str,
       on_crashed=[_end_mlflow_runs("FAILED", "the flow run crashed")],
       on_cancellation=[_end_mlflow_runs("KILLED", "the flow run was cancelled")])
 def compress_flow(config: PipelineConfig | None = None, config_path: str | None = None,
-                  overrides: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The pipeline on one config: a PipelineConfig (a plain dict is validated into one, as
     `pfp run` and tests pass it), or a YAML file (`config_path`, as deployments pass it)
     with dotted `overrides`; neither: the quickstart.
@@ -589,10 +584,8 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
         logger.info(f"base model {base.base_path}: test acc {base.acc:.2f}%, |S| = {base.calib_size}")
 
         rows, run_ids = _prune_rounds(cfg, parent_id, tags, run_dir, plots, cached, work)
-        # pfp.pipeline.choose and the plot take the rounds as mappings
-        row_dicts = [r.model_dump() for r in rows]
-        chosen = choose(base.acc, row_dicts, cfg.prune.tolerance, cfg.prune.target)
-        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base.acc, row_dicts, cfg.prune.tolerance, chosen,
+        chosen = choose(base.acc, rows, cfg.prune.tolerance, cfg.prune.target)
+        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base.acc, rows, cfg.prune.tolerance, chosen,
                                                        plots / "accuracy_vs_flops.png")), "plots")
         done = [r for r in rows if r.ok]
         bundles = _export_all(cfg, base, done, run_dir, run_ids, cached, work)
@@ -619,9 +612,9 @@ def _artifact_key(name: str) -> str:
     return "gate-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def run_compress(cfg: PipelineConfig, *, progress: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_compress(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the compress flow on a validated config (ephemeral Prefect unless PREFECT_API_URL)."""
-    return compress_flow(cfg, progress=progress)
+    return compress_flow(cfg)
 
 
 __all__ = ["BenchmarkDown", "CompressResult", "benchmark_flow", "compress_flow", "export_flow", "iteration_flow",
