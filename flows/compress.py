@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import psutil
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.filesystems import LocalFileSystem
+from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict
 
 from deploy.gate import GateConfig, GateDecision, LatencyCheck, evaluate_gate
@@ -48,12 +50,10 @@ from pfp.cascade import choose
 from pfp.files import sha256_file
 from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
 from pfp.results import BaseInfo, RoundResult
-
-ITERATION_METRICS = (
-    "acc", "loss", "acc_before_retrain", "acc_change", "params", "flops", "keep_ratio", "achieved_keep",
-    "flops_removed_pct", "params_removed_pct", "preact_err_p95_max", "preact_eps99_max", "eps", "coverage_min",
-    "coverage_mean", "seconds",
+from flows.run_story import (
+    LatencyPoint, base_metrics, latency_metrics, round_metrics, round_params, summary_markdown,
 )
+
 BASELINE = "unpruned"
 RESULTS_DIR = "prefect-results"
 # Network steps (MLflow, the registry, run_deployment) retry a transient failure this often.
@@ -125,27 +125,56 @@ def _bench_key(context, parameters: dict) -> str:  # noqa: ARG001
                                    parameters["baseline"]])
 
 
+def _task_name(fmt: str) -> Callable[[], str]:
+    """A task run name from the task's parameters (`fmt` formats them; `cfg` is the config)."""
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        p = dict(task_run.parameters)
+        try:
+            return fmt.format(**p)
+        except Exception:  # noqa: BLE001 - a name must never fail the task
+            return fmt.split("{")[0].strip() or "task"
+    return name
+
+
+def _round_task_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    cfg, i = p["cfg"], p["index"]
+    return f"round {i + 1}: {cfg.prune.method} keep {cfg.prune.keep_ratios[i]:.0%} of {cfg.prune.target}"
+
+
+def _export_task_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"export {Path(task_run.parameters['out_dir']).name}"
+
+
 # --------------------------------------------------------------------------- tasks
 
 
-@task(name="calibrate", cache_policy=NO_CACHE)
+@task(name="calibrate", task_run_name=_task_name("calibrate {cfg.name}: {cfg.model.name}"), cache_policy=NO_CACHE)
 def calibrate_task(cfg: PipelineConfig) -> BaseInfo:
     # Not cached: it loads the data set into this process, which the rounds run here use
     # (the trained base model itself is reused from disk by pfp.pipeline).
     return steps.calibrate(cfg, progress=False)
 
 
-@task(name="prune-retrain-evaluate", cache_key_fn=_round_key, persist_result=True)
+@task(name="prune-retrain-evaluate", task_run_name=_round_task_name, cache_key_fn=_round_key, persist_result=True)
 def iterate_task(cfg: PipelineConfig, index: int, parent: str | None) -> RoundResult:
     return steps.iterate(cfg, index, parent, progress=False)
 
 
-@task(name="export", cache_key_fn=_export_key, persist_result=True)
+@task(name="export", task_run_name=_export_task_name, cache_key_fn=_export_key,
+      persist_result=True)
 def export_task(cfg: PipelineConfig, model_path: str, out_dir: str) -> BundleInfo:
     return steps.export_model(cfg, model_path, out_dir)
 
 
-@task(name="benchmark", cache_key_fn=_bench_key, persist_result=True)
+@task(name="benchmark", task_run_name=_task_name("benchmark on {backend}"), cache_key_fn=_bench_key,
+      persist_result=True)
 def benchmark_task(cfg: PipelineConfig, backend: str, bundles: dict[str, str], baseline: str) -> BenchmarkResult:
     result = steps.benchmark(cfg, cfg.backend(backend), bundles, baseline)
     if result.error:
@@ -276,29 +305,27 @@ def _run_benchmark(cfg: PipelineConfig, backend: str, bundles: dict[str, str], r
 # retried round log starts a fresh child run; the failed attempt's run ends FAILED.
 
 
-@task(name="log-round", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=_retry_transient)
-def log_round_task(parent_id: str, row: RoundResult, tags: dict[str, str], plots: Path) -> str:
-    """A child run for one round, plus the parent's step series. Returns the child's id."""
-    import mlflow
+@task(name="log-round", task_run_name=_task_name("log round {row.round}"), cache_policy=NO_CACHE,
+      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_transient)
+def log_round_task(run_id: str, row: RoundResult, plots: Path, original: dict[str, int] | None) -> None:
+    """A round's metrics, retraining curves, model, report and layer-budget plot, into its
+    own child run (opened when the round started, so its duration is the round's work)."""
     from mlflow import MlflowClient
 
-    step = row.round
-    metrics = {k: getattr(row, k) for k in ITERATION_METRICS}
-    with tracked_run(f"round {step}: keep {row.keep_ratio:.0%}", parent_run_id=parent_id,
-                     tags={**tags, "pfp.round": str(step)}) as run:
-        log_metrics_at(metrics)
-        mlflow.log_artifact(row.model_path, "model")
-        mlflow.log_artifact(row.report_path, "report")
-        report = json.loads(Path(row.report_path).read_text())
-        mlflow.log_artifact(str(plot_layer_budget(report, plots / f"layer_budget_round{step}.png",
-                                                  title=f"round {step}: kept vs total channels")), "plots")
-        run_id = run.info.run_id
     client = MlflowClient()
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)):
-            client.log_metric(parent_id, f"iter.{key}", float(value), step=step)
-    return run_id
+    log_metrics_at(round_metrics(row), run_id=run_id)
+    for e in row.history:  # step series: the retraining curves
+        for key, value in (("train.loss", e.train_loss), ("train.acc_pct", e.train_acc),
+                           ("test.loss", e.test_loss), ("test.acc_pct", e.test_acc), ("train.lr", e.lr)):
+            client.log_metric(run_id, key, float(value), step=e.epoch + 1)
+    client.log_artifact(run_id, row.model_path, "model")
+    client.log_artifact(run_id, row.report_path, "report")
+    report = json.loads(Path(row.report_path).read_text())
+    # the same artifact name in every round, so MLflow's compare view shows them side by side
+    folder = plots / f"round_{row.round}"
+    folder.mkdir(parents=True, exist_ok=True)
+    client.log_artifact(run_id, str(plot_layer_budget(report, folder / "layer_budget.png", original=original,
+                                                      title=f"round {row.round}: channels kept per layer")))
 
 
 @task(name="log-bundle", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
@@ -311,23 +338,20 @@ def log_bundle_task(run_id: str, bundle: BundleInfo) -> None:
     client.log_metric(run_id, "parity.max_rel_diff", bundle.parity_max_rel_diff)
 
 
-@task(name="log-latency", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=_retry_transient)
-def log_latency_task(run_id: str, bench: BenchmarkResult, label: str, step: int | None, parent_id: str | None) -> None:
-    """Latency of `label` on one backend as metrics (and as the parent's step series)."""
-    from mlflow import MlflowClient
+def latency_points(bench: BenchmarkResult, label: str) -> list[LatencyPoint]:
+    """`label`'s timings on one backend, each with its side-by-side speed-up over the unpruned model."""
+    speedup = {e.batch: e.speedup for e in bench.efficiency_for(label)}
+    return [LatencyPoint(target=bench.backend, batch=r.batch, p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+                         throughput_per_s=r.throughput_per_s, converged=r.converged,
+                         speedup=1.0 if label == BASELINE else speedup.get(r.batch))
+            for r in bench.rows_for(label)]
 
-    client = MlflowClient()
-    b = bench.backend
-    for r in bench.rows_for(label):
-        for name in ("p50_ms", "p90_ms", "p99_ms", "throughput_per_s"):
-            key = f"latency.{b}.b{r.batch}.{name}"
-            client.log_metric(run_id, key, float(getattr(r, name)))
-            if parent_id and step is not None:
-                client.log_metric(parent_id, f"iter.{key}", float(getattr(r, name)), step=step)
-    for e in bench.efficiency_for(label):
-        client.log_metric(run_id, f"speedup.{b}.b{e.batch}", e.speedup)
-        client.log_metric(run_id, f"efficiency.{b}.b{e.batch}", e.efficiency)
+
+@task(name="log-latency", task_run_name=_task_name("log latency {label} on {bench.backend}"), cache_policy=NO_CACHE,
+      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_transient)
+def log_latency_task(run_id: str, bench: BenchmarkResult, label: str) -> None:
+    """Latency and speed-up of `label` on one backend, into its round's run."""
+    log_metrics_at(latency_metrics(latency_points(bench, label)), run_id=run_id)
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
@@ -408,25 +432,40 @@ def _end_mlflow_runs(status: str, reason: str) -> Callable:
 
 def _prune_rounds(cfg: PipelineConfig, parent_id: str, tags: dict, run_dir: Path, plots: Path,
                   cached: list[str], work: dict) -> tuple[list[RoundResult], dict[int, str]]:
-    """Every keep ratio in turn: prune the previous round's model, retrain, evaluate, log."""
-    from mlflow import MlflowClient
+    """Every keep ratio in turn: prune the previous round's model, retrain, evaluate, log.
 
+    Each round's MLflow run opens when the round starts and ends when it is logged, so its
+    duration is the round's real work (a few seconds for a round reused from the cache)."""
     logger = get_run_logger()
     rows: list[RoundResult] = []
     run_ids: dict[int, str] = {}
     parent_model = None
+    original: dict[str, int] | None = None  # unpruned widths, from round 1's report
     for i, ratio in enumerate(cfg.prune.keep_ratios):
-        row = _run_iteration(cfg, i, parent_model, run_dir, cached, work)
-        rows.append(row)
-        if row.error:
-            logger.warning(f"round {i + 1}: cannot prune to {ratio:.0%}: {row.error}; stopping the cascade")
-            MlflowClient().set_tag(parent_id, f"pfp.round_{i + 1}.error", row.error[:5000])
-            break
-        run_ids[row.round] = log_round_task(parent_id, row, tags, plots)
+        with tracked_run(f"round {i + 1}: {cfg.prune.method} keep {ratio:.0%}", parent_run_id=parent_id,
+                         tags={**tags, "pfp.round": str(i + 1)}, params=round_params(cfg.prune.model_dump(), ratio)) as run:
+            row = _run_iteration(cfg, i, parent_model, run_dir, cached, work)
+            rows.append(row)
+            if row.error:
+                mlflow_set_tag(run.info.run_id, "pfp.error", row.error)
+                mlflow_set_tag(parent_id, f"pfp.round_{i + 1}.error", row.error)
+                logger.warning(f"round {i + 1}: cannot prune to {ratio:.0%}: {row.error}; stopping the cascade")
+                break
+            if original is None:
+                original = {layer["name"]: layer["size"] for layer in json.loads(Path(row.report_path).read_text())["layers"]}
+            log_round_task(run.info.run_id, row, plots, original if row.round > 1 else None)
+            run_ids[row.round] = run.info.run_id
         logger.info(f"round {i + 1}: keep {ratio:.0%} -> test acc {row.acc:.2f}% ({row.acc_change:+.2f}), "
                     f"FLOPs -{row.flops_removed_pct:.1f}%")
         parent_model = row.model_path
     return rows, run_ids
+
+
+def mlflow_set_tag(run_id: str, key: str, value: str) -> None:
+    """A tag of at most MLflow's 5000 characters."""
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, key, value[:5000])
 
 
 def _export_all(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResult], run_dir: Path,
@@ -441,8 +480,9 @@ def _export_all(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResult], ru
 
 
 def _benchmark_all(cfg: PipelineConfig, bundles: dict[str, BundleInfo], rows: list[RoundResult], run_dir: Path,
-                   parent_id: str, run_ids: dict[int, str], cached: list[str], work: dict) -> dict[str, BenchmarkResult]:
-    """Every backend times all bundles side by side; latency goes to each round's run."""
+                   run_ids: dict[int, str], cached: list[str], work: dict) -> dict[str, BenchmarkResult]:
+    """Every backend times all bundles side by side; latency goes to each round's run
+    (round 0: the unpruned model)."""
     benches = {}
     for backend in cfg.backends:
         bench = _run_benchmark(cfg, backend.name, {k: v.bundle for k, v in bundles.items()}, run_dir, cached, work)
@@ -450,15 +490,15 @@ def _benchmark_all(cfg: PipelineConfig, bundles: dict[str, BundleInfo], rows: li
         if bench.error:
             get_run_logger().warning(f"backend {backend.name}: not measured: {bench.error}")
             continue
-        log_latency_task(parent_id, bench, BASELINE, 0, parent_id)
+        log_latency_task(run_ids[0], bench, BASELINE)
         for row in rows:
-            log_latency_task(run_ids[row.round], bench, f"round_{row.round}", row.round, parent_id)
+            log_latency_task(run_ids[row.round], bench, f"round_{row.round}")
     return benches
 
 
 def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResult], chosen: int | None,
                        bundles: dict[str, BundleInfo], benches: dict[str, BenchmarkResult], parent_id: str,
-                       config_hash: str) -> dict[str, Any]:
+                       round_run_id: str | None, config_hash: str) -> dict[str, Any]:
     """Gate the chosen round, register it as `candidate`, promote it to `champion` if it passed."""
     import mlflow
     from mlflow import MlflowClient
@@ -476,7 +516,9 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
     baseline = {name: [r.model_dump() for r in b.rows_for(BASELINE)] for name, b in benches.items()}
     errors = {name: b.error for name, b in benches.items() if b.error}
     # Registered before the gate: edge gate devices download the candidate from the registry.
-    number = register_task(cfg.model_name, parent_id, bundles[label], row, config_hash)
+    # The chosen round's run is the version's source: the registry links back to it.
+    number = register_task(cfg.model_name, round_run_id, bundles[label], row, config_hash)
+    mlflow_set_tag(round_run_id, "pfp.registered_version", number)
     gate = cfg.gate
     gate_devices = cfg.edge.gate_targets()
     if gate_devices:
@@ -534,10 +576,100 @@ def _edge_gate_bench(cfg: PipelineConfig, devices: list, version: str,
     return latency, errors, checks
 
 
+# --------------------------------------------------------------------------- the story in the UIs
+
+
+def _params_in_use(cfg: PipelineConfig) -> dict[str, str]:
+    """The parent run's params: the config sections this run uses, with resolved values
+    (the full config is the run's config.yaml artifact)."""
+    data = cfg.model_dump(mode="json", exclude={"compare", "tracking"})
+    if not cfg.edge.targets_file:
+        data.pop("edge", None)
+    else:
+        data["edge"].pop("devices", None)  # the devices are in the targets file, logged as its path
+    if not any(cfg.dispatch.model_dump().values()):
+        data.pop("dispatch", None)
+    if not cfg.schedule.cron:
+        data.pop("schedule", None)
+    data["tracking"] = {"experiment": cfg.experiment_name, "model_name": cfg.model_name}
+    return flatten_params(data)
+
+
+def _run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """A link to the run in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _tell_the_story(cfg: PipelineConfig, result: CompressResult, run_ids: dict[int, str], experiment_id: str,
+                    uri: str) -> None:
+    """The parent run's description, tags and headline metrics (the chosen round's), the
+    registered version's description, and the Prefect per-round table."""
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_table_artifact
+
+    client = MlflowClient()
+    decision = GateDecision.from_dict(result.decision) if result.decision else None
+    latency = {0: [p for b in result.benchmarks.values() for p in latency_points(b, BASELINE)]}
+    for r in result.rounds:
+        if r.ok:
+            latency[r.round] = [p for b in result.benchmarks.values() for p in latency_points(b, f"round_{r.round}")]
+    md = summary_markdown(f"{cfg.name}: {cfg.model.name}, {cfg.prune.method} cascade on {cfg.prune.target}",
+                          result.base, result.rounds, latency, result.chosen, decision, result.version,
+                          result.promoted, cfg.prune.tolerance)
+    parent = result.parent_run_id
+    chosen = result.rounds[result.chosen] if result.chosen is not None else None
+    for key, value in {"mlflow.note.content": md,
+                       "pfp.chosen_round": str(chosen.round) if chosen else "none",
+                       "pfp.gate": decision.verdict if decision else "not run",
+                       "pfp.registered_version": result.version or "none",
+                       "pfp.promoted": str(result.promoted).lower()}.items():
+        client.set_tag(parent, key, value)
+    if chosen is not None:  # the headline: the chosen round, not the last one
+        log_metrics_at(round_metrics(chosen) | latency_metrics(latency.get(chosen.round, [])), run_id=parent)
+        client.set_tag(run_ids[chosen.round], "pfp.chosen", "true")
+    if result.version is not None:
+        client.update_model_version(cfg.model_name, result.version, description=md)
+    table = [{"round": 0, "keep": "100%", "acc %": round(result.base.acc, 2), "FLOPs removed %": 0.0,
+              **{f"speed-up {p.target} b{p.batch}": 1.0 for p in latency[0]},
+              "MLflow run": _run_link(uri, experiment_id, run_ids[0])}]
+    for r in result.rounds:
+        if not r.ok:
+            table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", "acc %": None, "error": r.error})
+            continue
+        table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", "acc %": round(r.acc, 2),
+                      "FLOPs removed %": round(r.flops_removed_pct, 1),
+                      **{f"speed-up {p.target} b{p.batch}": p.speedup and round(p.speedup, 2)
+                         for p in latency.get(r.round, [])},
+                      "chosen": "yes" if chosen is not None and r.round == chosen.round else "",
+                      "MLflow run": _run_link(uri, experiment_id, run_ids[r.round])})
+    create_table_artifact(table, key="rounds-" + _artifact_key(cfg.name)[len("gate-"):],
+                          description=f"{cfg.name}: every round, with its MLflow run")
+    create_markdown_artifact(md, key="summary-" + _artifact_key(cfg.name)[len("gate-"):],
+                             description=f"{cfg.name}: the run's summary (as in MLflow)")
+
+
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="pfp-compress", log_prints=False,
+def _flow_run_name() -> str:
+    """`<config name>-<model>-<date time>`, instead of Prefect's random two words."""
+    from datetime import datetime
+
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    when = datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg = p.get("config")
+    if cfg is not None:
+        name, model = (cfg.name, cfg.model.name) if isinstance(cfg, PipelineConfig) else (
+            cfg.get("name", "pipeline"), (cfg.get("model") or {}).get("name", "model"))
+        return f"{name}-{model}-{when}"
+    path = p.get("config_path")
+    return f"{Path(path).stem if path else 'quickstart'}-{when}"
+
+
+@flow(name="pfp-compress", flow_run_name=_flow_run_name, log_prints=False,
       on_crashed=[_end_mlflow_runs("FAILED", "the flow run crashed")],
       on_cancellation=[_end_mlflow_runs("KILLED", "the flow run was cancelled")])
 def compress_flow(config: PipelineConfig | None = None, config_path: str | None = None,
@@ -568,43 +700,60 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
     for run_id in _fail_orphaned_runs(client, experiment_id, config_hash):
         logger.warning(f"MLflow run {run_id} was left RUNNING by a process that died; marked FAILED")
 
-    with tracked_run(f"{cfg.name}", params=flatten_params(cfg.model_dump(mode="json")),
+    with tracked_run(f"{cfg.name}: {cfg.model.name} {cfg.prune.method} cascade", params=_params_in_use(cfg),
                      tags={"pfp.config_hash": config_hash, "pfp.flow": "compress", "pfp.host": socket.gethostname(),
                            "pfp.pid": str(os.getpid()), "pfp.flow_run_id": str(flow_run.id)}) as parent:
         parent_id = parent.info.run_id
+        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
         run_dir = Path(cfg.output_dir) / cfg.name
         plots = run_dir / "plots"
         plots.mkdir(parents=True, exist_ok=True)
 
-        base = _timed(calibrate_task, cfg, label="calibrate", work=work)
+        # Round 0, the unpruned model, is a child run too: every compare view has the baseline.
+        with tracked_run("round 0: unpruned", parent_run_id=parent_id, tags={"pfp.round": "0"},
+                         params={"prune.method": "none", "prune.keep_ratio": "1", "prune.target": cfg.prune.target}) as r0:
+            base = _timed(calibrate_task, cfg, label="calibrate", work=work)
+            log_metrics_at(base_metrics(base))
+        run_ids = {0: r0.info.run_id}
         tags = run_tags(config_hash, base.data_hash) | {"pfp.calib_hash": str(base.calib_hash)}
-        for k, v in tags.items():
-            client.set_tag(parent_id, k, v)
-        log_metrics_at({"iter.acc": base.acc, "iter.flops": base.flops, "iter.params": base.params}, step=0)
+        for run_id in (parent_id, run_ids[0]):
+            for k, v in tags.items():
+                client.set_tag(run_id, k, v)
         logger.info(f"base model {base.base_path}: test acc {base.acc:.2f}%, |S| = {base.calib_size}")
 
-        rows, run_ids = _prune_rounds(cfg, parent_id, tags, run_dir, plots, cached, work)
+        rows, round_runs = _prune_rounds(cfg, parent_id, tags, run_dir, plots, cached, work)
+        run_ids |= round_runs
         chosen = choose(base.acc, rows, cfg.prune.tolerance, cfg.prune.target)
         mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base.acc, rows, cfg.prune.tolerance, chosen,
                                                        plots / "accuracy_vs_flops.png")), "plots")
         done = [r for r in rows if r.ok]
         bundles = _export_all(cfg, base, done, run_dir, run_ids, cached, work)
-        benches = _benchmark_all(cfg, bundles, done, run_dir, parent_id, run_ids, cached, work)
+        benches = _benchmark_all(cfg, bundles, done, run_dir, run_ids, cached, work)
+        chosen_run = run_ids.get(rows[chosen].round) if chosen is not None else None
         result = CompressResult(base=base, rounds=rows, chosen=chosen, parent_run_id=parent_id, benchmarks=benches,
-                                cached=cached,
-                                **_gate_and_register(cfg, base, rows, chosen, bundles, benches, parent_id, config_hash))
+                                cached=cached, **_gate_and_register(cfg, base, rows, chosen, bundles, benches,
+                                                                    parent_id, chosen_run, config_hash))
         if cached:
             logger.info(f"reused from earlier runs (task cache): {', '.join(cached)}")
+        _tell_the_story(cfg, result, run_ids, experiment_id, uri)
 
         total = time.perf_counter() - start
         inside = sum(work.values())
         result.seconds, result.work_seconds = total, work
         result.orchestration_overhead = (total - inside) / total if total else 0.0
-        log_metrics_at({"flow_seconds": total, "task_work_seconds": inside,
-                        "orchestration_overhead_pct": 100 * result.orchestration_overhead})
+        log_metrics_at({"flow_s": round(total, 1), "task_work_s": round(inside, 1),
+                        "orchestration_overhead_pct": round(100 * result.orchestration_overhead, 1)})
         (run_dir / "flow_result.json").write_text(result.model_dump_json(indent=2))
         mlflow.log_artifact(str(run_dir / "flow_result.json"))
-    return result.model_dump(mode="json")
+    data = result.model_dump(mode="json")
+    if result.version is not None and not result.promoted:
+        # Not a plain green "Completed": the run did its work, but nothing was promoted.
+        return Completed(data=data, name="Not promoted", message=f"{cfg.model_name} v{result.version}: "
+                         f"gate {GateDecision.from_dict(result.decision).verdict}, not promoted")
+    if result.chosen is None:
+        return Completed(data=data, name="Nothing chosen",
+                         message=f"no round within {cfg.prune.tolerance:g} points; nothing registered")
+    return data
 
 
 def _artifact_key(name: str) -> str:

@@ -58,6 +58,7 @@ MAX_PARAM_VAL_LENGTH = 6000
 _TRUNCATED = "..."
 _SQLITE = "sqlite:///"
 _ENV = "MLFLOW_TRACKING_URI"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 class TrackingError(FlowError, ValueError):
@@ -200,6 +201,9 @@ def setup_mlflow(uri: str, experiment: str) -> str:
         experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
+    # MLflow 3 opens experiments in its GenAI view unless told this is model training.
+    if (exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) is None):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

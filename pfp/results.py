@@ -77,6 +77,7 @@ class RoundResult(_Result):
     reduction: float | None = None
     postprocess: str | None = None
     reused: bool = False  # found finished on disk, not recomputed
+    history: list[EpochPoint] = []  # the retraining curve
     error: str | None = None
 
     @property

@@ -68,32 +68,71 @@ def test_compress_flow_tracks_gates_and_registers(harness, tmp_path):
 
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("tiny")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED"
     for tag in ("git.commit", "pfp.config_hash", "pfp.data_hash", "pfp.calib_hash", "machine"):
         assert parent.data.tags.get(tag), tag
-    assert parent.data.params["prune.keep_ratios"] == "[0.6,0.4]"
-    history = client.get_metric_history(parent.info.run_id, "iter.acc")
-    assert sorted(m.step for m in history) == [0, 1, 2]
-    assert [m.step for m in client.get_metric_history(parent.info.run_id, "iter.latency.cpu.b8.p50_ms")] != []
+    # the story: chosen round, gate, version, and a description with every round
+    tags = parent.data.tags
+    assert (tags["pfp.chosen_round"], tags["pfp.gate"], tags["pfp.registered_version"]) == ("2", "passed", "1")
+    note = tags["mlflow.note.content"]
+    assert "| 0 (unpruned) | 100% |" in note and "| **2** ✓ | 40% |" in note and "**Gate: passed**" in note
+    # only the sections in use, resolved values; the whole config as an artifact
+    params = parent.data.params
+    assert params["prune.keep_ratios"] == "[0.6,0.4]" and params["tracking.experiment"] == "tiny"
+    assert not any(k.startswith(("compare.", "edge.", "dispatch.", "schedule.")) for k in params)
+    # headline metrics: the chosen round's, with units in their names
+    rounds = {r["round"]: r for r in result["rounds"]}
+    assert parent.data.metrics["acc_pct"] == round(rounds[2]["acc"], 2)  # round 2 is chosen (index 1)
+    assert "speedup.cpu.b8" in parent.data.metrics and not any(k.startswith("iter.") for k in parent.data.metrics)
+
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 2
-    for child in children:
+    by_round = {int(c.data.tags["pfp.round"]): c for c in children}
+    assert sorted(by_round) == [0, 1, 2]  # round 0 is the unpruned model
+    assert by_round[0].data.metrics["speedup.cpu.b8"] == 1.0 and by_round[0].data.metrics["flops_removed_pct"] == 0
+    for n, child in by_round.items():
         assert child.info.status == "FINISHED"
         m = child.data.metrics
-        for key in ("acc", "loss", "params", "flops", "keep_ratio", "coverage_min", "latency.cpu.b1.p50_ms",
-                    "latency.cpu.b8.p99_ms", "speedup.cpu.b8", "parity.max_rel_diff"):
-            assert key in m, key
-        arts = {a.path for folder in ("model", "onnx", "plots", "report")
-                for a in client.list_artifacts(child.info.run_id, folder)}
-        assert {"model/model.pt", "onnx/model.onnx", "report/report.json"} <= arts
-        assert any(a.endswith(".png") for a in arts)
+        for key in ("acc_pct", "flops_removed_pct", "latency_p50_ms.cpu.b1", "latency_p99_ms.cpu.b8", "speedup.cpu.b8"):
+            assert key in m, (n, key)
+        assert child.data.params["prune.target"] == "flops"
+        if n == 0:
+            continue
+        assert child.data.params["prune.method"] == "pfp" and child.data.params["prune.keep_ratio"] == str(
+            [0.6, 0.4][n - 1])
+        assert [x.step for x in client.get_metric_history(child.info.run_id, "train.loss")] == [1]
+        assert "parity.max_rel_diff" in m
+        arts = {a.path for folder in ("", "model", "onnx", "report") for a in client.list_artifacts(child.info.run_id, folder)}
+        assert {"layer_budget.png", "model/model.pt", "onnx/model.onnx", "report/report.json"} <= arts
+        # the run lasts as long as the round's work, not the logging after it
+        assert (child.info.end_time - child.info.start_time) / 1000 >= rounds[n]["seconds"] * 0.9
+    assert by_round[2].data.tags["pfp.registered_version"] == "1" and by_round[2].data.tags["pfp.chosen"] == "true"
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"bundle", "plots", "gate", "flow_result.json"} <= top
+    assert {"plots", "gate", "flow_result.json", "config.yaml"} <= top
 
     version = client.get_model_version_by_alias("tiny", "champion")
     assert str(version.version) == "1" and version.tags["gate.passed"] == "true"
+    assert version.run_id == by_round[2].info.run_id  # the registry links back to the chosen round
+    assert version.description == note
     assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "1"
+
+    # What the UI shows, through a real server's REST API
+    from tests.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path / "mlflow.db") as rest:
+        exp_id = rest.get("experiments/get-by-name", experiment_name="tiny")["experiment"]["experiment_id"]
+        runs = rest.post("runs/search", {"experiment_ids": [exp_id], "max_results": 50})["runs"]
+        tags_of = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        top = tags_of[parent.info.run_id]
+        assert top["mlflow.note.content"] == note and top["pfp.gate"] == "passed"
+        assert {t["pfp.round"] for rid, t in tags_of.items() if rid != parent.info.run_id} == {"0", "1", "2"}
+        shown = next(r for r in runs if r["info"]["run_id"] == by_round[1].info.run_id)
+        assert {p["key"] for p in shown["data"]["params"]} >= {"prune.method", "prune.keep_ratio", "prune.target"}
+        curve = rest.get("metrics/get-history", run_id=by_round[1].info.run_id, metric_key="test.acc_pct")["metrics"]
+        assert [m["step"] for m in curve] == [1]
+        mv = rest.get("model-versions/get", name="tiny", version="1")["model_version"]
+        assert mv["run_id"] == by_round[2].info.run_id and mv["description"] == note
 
 
 def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
@@ -114,7 +153,9 @@ def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
         {"target": "gpu", "batch": 8, "metric": "p99", "max_ms": 50.0},
         {"target": "edge", "batch": 1, "metric": "p50", "max_ms": 100.0},
     ]})
-    second = compress_flow(config=cfg)
+    state = compress_flow(config=cfg, return_state=True)
+    assert state.is_completed() and state.name == "Not promoted"  # not a plain green "Completed"
+    second = state.result()
     assert second["version"] == "2" and not second["promoted"]
     checks = {c["name"]: c for c in second["decision"]["checks"]}
     assert any(not c["passed"] for c in checks.values())
@@ -128,6 +169,9 @@ def test_gate_that_rejects_keeps_the_champion(harness, tmp_path):
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "2"
     assert client.get_model_version("tiny", "2").tags["gate.passed"] == "false"
+    tags = client.get_run(second["parent_run_id"]).data.tags
+    assert tags["pfp.gate"] == "failed" and tags["pfp.registered_version"] == "2" and tags["pfp.promoted"] == "false"
+    assert "**Gate: failed** – not promoted" in tags["mlflow.note.content"]
     # Nothing was recomputed: the second run got both rounds and the exports from the task cache.
     assert {p: p.stat().st_mtime_ns for p in rounds} == written
     assert {"round_1", "round_2", "export unpruned", "export round_1"} <= set(second["cached"])
