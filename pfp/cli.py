@@ -109,13 +109,9 @@ def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConf
 
 def check_model_name(name: str) -> None:
     """ConfigError with the closest names when `name` is not a model `build_model` knows."""
-    from pfp.models import TV_PREFIX, unknown_model_error, available_models
+    from pfp.models import check_model_name as check
 
-    names = available_models()
-    key = name.strip()
-    ok = (TV_PREFIX + key[len(TV_PREFIX):]) in names if key.lower().startswith(TV_PREFIX) else key.lower() in names
-    if not ok:
-        raise unknown_model_error(key)
+    check(name)
 
 
 def split_option(value: str | None, what: str, cast: Callable[[str], T] = str) -> list[T] | None:
