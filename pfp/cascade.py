@@ -180,7 +180,7 @@ def run_cascade(cfg: RunConfig, *, progress: bool = True) -> CascadeResult:
             log.error("failed: round %d (keep %.0f%%): %s", r.round, 100 * r.keep_ratio, r.error)
     if chosen is not None:
         r = rows[chosen]
-        log.info("chosen: round %d (keep %.0f%%): test %s %.4g (%+.4g better than unpruned %.4g), FLOPs -%.1f%%, "
+        log.info("chosen: round %d (keep %.0f%%): test %s %.4g (change %+.4g vs unpruned %.4g, positive is better), FLOPs -%.1f%%, "
                  "params -%.1f%% -> %s", chosen + 1, 100 * r.keep_ratio, setup.metric, _score(r), _change(r),
                  setup.score, r.flops_removed_pct, r.params_removed_pct, chosen_copy)
     else:

@@ -201,6 +201,6 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
     save_model(model_path, pruned, setup.spec,
                meta={"row": result.model_dump(mode="json"), "report": report_dict, "hash": key})
     drop_checkpoint(ckpt)
-    log.info("test %s after retraining %.4g (%+.4g better), FLOPs -%.1f%%, params -%.1f%% (%.0fs)", task.metric,
+    log.info("test %s after retraining %.4g (change %+.4g, positive is better), FLOPs -%.1f%%, params -%.1f%% (%.0fs)", task.metric,
              score, result.score_change, result.flops_removed_pct, result.params_removed_pct, result.seconds)
     return result
