@@ -32,10 +32,13 @@ BUILTIN_DATA = ("fashion_mnist", "cifar10", "imagefolder", "imagenet", "syntheti
 
 def _check_import_path(value: str, field: str) -> str:
     """`value` itself when it is not an import path, or when it resolves (one line naming `field` if not)."""
-    from pfp.imports import is_import_path, resolve
+    from pfp.imports import ImportPathError, is_import_path, resolve
 
     if is_import_path(value):
-        resolve(value, field)  # ImportPathError is a ValueError: pydantic reports it under the field
+        try:
+            resolve(value, field)
+        except ImportPathError as e:  # pydantic names the field already
+            raise ValueError(str(e).removeprefix(f"{field}: ")) from None
     return value
 
 

@@ -460,7 +460,7 @@ def prepare(
     if cfg.model.pretrained_checkpoint:
         model, info, key = load_checkpoint_for(cfg.model.pretrained_checkpoint, data, example_input, cfg, task)
         spec = info["spec"]
-        check_output(task, model, example_input)
+        check_output(task, model, example_input, f"model.pretrained_checkpoint {cfg.model.pretrained_checkpoint}")
         trained_now, base_path = False, Path(cfg.model.pretrained_checkpoint)
         log.info("base: loaded %s (%s)", base_path, spec.get("name", "?"))
     else:
@@ -469,7 +469,7 @@ def prepare(
             num_classes = infer_num_classes(data)  # our classifiers are built for a number of classes
         spec = model_spec(cfg, data, num_classes)
         arch = build_model(**spec)  # name and constructor errors first, before any training
-        check_output(task, arch, example_input)
+        check_output(task, arch, example_input, f"model.name {cfg.model.name}")
         if calibration:
             check_calib_split(cfg, calib_count(cfg, arch, example_input), len(data.train))
         key = base_config_hash(cfg)

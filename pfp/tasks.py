@@ -127,20 +127,23 @@ def is_classification(task: Task | None) -> bool:
     return task is None or isinstance(task, Classification)
 
 
-def check_output(task: Task, model: nn.Module, example_input: torch.Tensor) -> None:
-    """One TaskError line when classification would read a model output that is not a tensor of logits."""
-    if not is_classification(task):
-        return
+def check_output(task: Task, model: nn.Module, example_input: torch.Tensor, source: str = "the model") -> None:
+    """One TaskError line when `model` (named `source`) fails on the example input, or when
+    classification would read an output that is not a tensor of logits."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(example_input)
+    except Exception as e:  # a user's model: any error means it does not fit the data
+        first = (str(e).strip().splitlines() or [""])[0]
+        shape = "x".join(str(d) for d in example_input.shape[1:])
+        raise TaskError(f"{source} fails on an input of shape {shape} from the data ({type(e).__name__}: {first})") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor):
+    if is_classification(task) and not isinstance(out, torch.Tensor):
         raise TaskError(
-            f"the model returns {type(out).__name__}, not a tensor of logits, and no task reads it: name one in "
+            f"{source} returns {type(out).__name__}, not a tensor of logits, and no task reads it: name one in "
             "the config's `task` field ('package.module:Task')")
 
 
