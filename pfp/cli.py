@@ -217,8 +217,8 @@ def prune_cmd(
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         data = load_data(cfg)
-        example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
-        model, info, _ = load_checkpoint_for(checkpoint, data, example)
+        example = torch.zeros(1, *data.example_shape)
+        model, info, _ = load_checkpoint_for(checkpoint, data, example, cfg)
         reference = None
         if of_original:
             rep = (info["meta"].get("report") or {}) if isinstance(info["meta"], dict) else {}
