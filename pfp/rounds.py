@@ -199,7 +199,8 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
     report.save_json(report_path)
     # The model file is written last: with its step key it marks the round finished.
     save_model(model_path, pruned, setup.spec,
-               meta={"row": result.model_dump(mode="json"), "report": report_dict, "hash": key})
+               meta={"row": result.model_dump(mode="json"), "report": report_dict, "hash": key,
+                     "input_shape": list(setup.example_input.shape[1:])})  # export reads it for any model
     drop_checkpoint(ckpt)
     log.info("test %s after retraining %.4g (change %+.4g, positive is better), FLOPs -%.1f%%, params -%.1f%% (%.0fs)", task.metric,
              score, result.score_change, result.flops_removed_pct, result.params_removed_pct, result.seconds)

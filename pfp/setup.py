@@ -415,6 +415,7 @@ def _train_base(
                 "acc": result.final.get("acc"),
                 "loss": result.final.get("loss"),
                 "metrics": dict(result.final),
+                "input_shape": list(data.example_shape),  # export reads it for any model
                 "epochs": cfg.train.epochs,
                 "world_size": world,
                 "train_seconds": seconds,

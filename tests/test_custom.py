@@ -93,6 +93,7 @@ def test_regression_example_through_pfp_local_run(tmp_path):
     model, info = load_model(row["model_path"], build_model)  # the import-path spec rebuilds it
     assert info["spec"] == {"name": "examples.regression:BlobRegressor", "kwargs": {"in_channels": 1, "width": 16}}
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    assert info["meta"]["input_shape"] == [1, 32, 32]
 
 
 def test_segmentation_example_through_pfp_local_run(tmp_path):
