@@ -237,7 +237,7 @@ def test_validate_checks_a_whole_pipeline_config(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tiny(tmp_path)))
     res = cli.invoke(app, ["validate", str(path)])
-    assert res.exit_code == 0 and "targets cpu (ort-cpu)" in res.output
+    assert res.exit_code == 0 and "backends cpu (ort-cpu)" in res.output
     raw = tiny(tmp_path)
     raw["backends"][0]["name"] = "../etc"
     path.write_text(yaml.safe_dump(raw))
