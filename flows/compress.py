@@ -315,9 +315,9 @@ def log_round_task(run_id: str, row: RoundResult, plots: Path, original: dict[st
     client = MlflowClient()
     log_metrics_at(round_metrics(row), run_id=run_id)
     for e in row.history:  # step series: the retraining curves
-        for key, value in (("train.loss", e.train_loss), ("train.acc_pct", e.train_acc),
-                           ("test.loss", e.test_loss), ("test.acc_pct", e.test_acc), ("train.lr", e.lr)):
-            client.log_metric(run_id, key, float(value), step=e.epoch + 1)
+        curves = {"train.loss": e.train_loss, "train.acc_pct": e.train_acc, "test.loss": e.test_loss,
+                  "test.acc_pct": e.test_acc, "train.lr": e.lr} | {f"test.{k}": v for k, v in e.test_metrics.items()}
+        log_metrics_at(curves, step=e.epoch + 1, run_id=run_id)  # NaN (another task's accuracy) is skipped
     client.log_artifact(run_id, row.model_path, "model")
     client.log_artifact(run_id, row.report_path, "report")
     report = json.loads(Path(row.report_path).read_text())

@@ -36,8 +36,10 @@ def base_metrics(base: BaseInfo) -> dict[str, float | None]:
 
 
 def round_metrics(r: RoundResult) -> dict[str, float | None]:
-    """A round's metrics with units in their names (None: not measured, not logged)."""
-    return {
+    """A round's metrics with units in their names (None: not measured, not logged); a task
+    other than classification adds its own metrics under their names."""
+    own = {k: _r(v, 4) for k, v in (r.metrics or {}).items() if k not in ("acc", "loss")}
+    return own | {
         "acc_pct": _r(r.acc, 2), "acc_before_retrain_pct": _r(r.acc_before_retrain, 2),
         "acc_change_pts": _r(r.acc_change, 2), "loss": _r(r.loss, 4),
         "flops": None if r.flops is None else float(r.flops), "params": None if r.params is None else float(r.params),

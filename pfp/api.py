@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import PruneConfig, RunConfig
+from .tasks import Task
 
 
 def prune(
@@ -28,12 +29,14 @@ def prune(
     postprocess_loader: Any = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    task: Task | None = None,
     **options: Any,
 ) -> tuple[nn.Module, Any]:
     """Prune a copy of `model` to keep `keep` of its `target` ("flops", "params" or "latency").
 
     `calib_loader` yields (inputs, anything) batches: only the inputs are used to score
-    filters, so any task works. `options` are further `PruneConfig` fields (for example
+    filters, so any task works; `task` (a `pfp.tasks.Task`) only supplies the output divergence
+    that the measuring allocations ("holdout", "search") minimise. `options` are further `PruneConfig` fields (for example
     `allocation`, `latency`, `calib_split`). Returns the pruned, post-processed model and its
     `PruneReport`; `model` itself is left unchanged.
     """
@@ -41,7 +44,8 @@ def prune(
 
     cfg = PruneConfig(method=method, target=target, **options)
     small, report, _soft = _prune_impl(model, calib_loader, cfg, keep, example_input=example_input,
-                                       postprocess_loader=postprocess_loader, device=device, seed=seed)
+                                       postprocess_loader=postprocess_loader, device=device, seed=seed,
+                                       divergence=task.divergence if task is not None else None)
     return small, report
 
 

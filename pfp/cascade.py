@@ -2,7 +2,8 @@
 
 Each round (`pfp.rounds.run_round`) prunes the previous round's retrained network to a
 keep ratio of the *original* resource and retrains it; `choose` then picks the smallest
-network whose test accuracy stays within the tolerance of the unpruned one.
+network whose test accuracy (or the task's metric, in its direction) stays within the
+tolerance of the unpruned one.
 
 Files, under output_dir/<name>/ (besides the base model's, see `pfp.setup`):
 
@@ -72,26 +73,51 @@ class CascadeResult(BaseModel):
         return d
 
 
-def choose(base_acc: float, rows: Sequence[RoundResult], tolerance: float, target: str = "flops") -> int | None:
-    """Index of the smallest network (by the target resource) within `tolerance` points of base_acc."""
-    ok = [i for i, r in enumerate(rows) if r.ok and r.acc >= base_acc - tolerance - 1e-9]
+def _score(r: RoundResult) -> float | None:
+    return r.score if r.score is not None else r.acc  # rows written before tasks had only acc
+
+
+def choose(base_score: float, rows: Sequence[RoundResult], tolerance: float, target: str = "flops", *,
+           higher_is_better: bool = True) -> int | None:
+    """Index of the smallest network (by the target resource) whose task metric (`score`, else
+    `acc`) is within `tolerance` of the unpruned `base_score`, in the metric's direction."""
+    sign = 1.0 if higher_is_better else -1.0
+    ok = [i for i, r in enumerate(rows)
+          if r.ok and _score(r) is not None and sign * (_score(r) - base_score) >= -tolerance - 1e-9]  # type: ignore[operator]
     if not ok:
         return None
-    return min(ok, key=lambda i: (getattr(rows[i], target), -rows[i].acc))
+    return min(ok, key=lambda i: (getattr(rows[i], target), -sign * _score(rows[i])))  # type: ignore[operator]
 
 
 def plot_cascade(result: CascadeResult, path: Path) -> Path | None:
-    """Accuracy against FLOPs kept for every round, the tolerance line and the choice."""
-    return plot_accuracy_vs_flops(result.name, result.base.acc, result.rounds, result.tolerance, result.chosen, path)
+    """Accuracy (or the task's metric) against FLOPs kept for every round, the tolerance line and the choice."""
+    base = result.base.score if result.base.score is not None else result.base.acc
+    # The plot reads acc fields: give it the task's metric in their place.
+    rows = [r.model_copy(update={"acc": _score(r), "acc_before_retrain": r.score_before_retrain
+                                 if r.score_before_retrain is not None else r.acc_before_retrain})
+            for r in result.rounds]
+    sign = 1.0 if result.base.higher_is_better else -1.0
+    return plot_accuracy_vs_flops(result.name, base, rows, sign * result.tolerance, result.chosen, path)  # type: ignore[arg-type]
+
+
+def _base_score(b: BaseInfo) -> float:
+    return b.score if b.score is not None else b.acc  # type: ignore[return-value]
+
+
+def _change(r: RoundResult) -> float:
+    """Signed so that positive is better."""
+    return r.score_change if r.score_change is not None else r.acc_change  # type: ignore[return-value]
 
 
 def summary_table(result: CascadeResult) -> Table:
     """The cascade as a rich table: one row per round, the chosen one marked."""
     t = Table(title=f"cascade {result.name}: prune to a share of the original {result.target}, then retrain")
-    for col in ("round", "keep", "params", "FLOPs", "acc before retrain", "acc after", "change", "time"):
-        t.add_column(col, justify="right")
     b = result.base
-    t.add_row("base", "100%", format_count(b.params), format_count(b.flops), "", f"{b.acc:.2f}%", "", "")
+    m = b.metric
+    for col in ("round", "keep", "params", "FLOPs", f"{m} before retrain", f"{m} after", "change", "time"):
+        t.add_column(col, justify="right")
+    fmt = (lambda v: f"{v:.2f}%") if m == "acc" else (lambda v: f"{v:.4g}")  # noqa: E731
+    t.add_row("base", "100%", format_count(b.params), format_count(b.flops), "", fmt(_base_score(b)), "", "")
     for i, r in enumerate(result.rounds):
         mark = " *" if i == result.chosen else ""
         if not r.ok:
@@ -102,9 +128,9 @@ def summary_table(result: CascadeResult) -> Table:
             f"{r.keep_ratio:.0%}",
             f"{format_count(r.params)} (-{r.params_removed_pct:.1f}%)",
             f"{format_count(r.flops)} (-{r.flops_removed_pct:.1f}%)",
-            f"{r.acc_before_retrain:.2f}%",
-            f"{r.acc:.2f}%",
-            Text(f"{r.acc_change:+.2f}", style="green" if r.acc_change >= -result.tolerance else "red"),
+            fmt(r.score_before_retrain if r.score_before_retrain is not None else r.acc_before_retrain),
+            fmt(_score(r)),
+            Text(f"{_change(r):+.4g}", style="green" if _change(r) >= -result.tolerance else "red"),
             f"{r.seconds:.0f}s",
             style="bold" if mark else None,
         )
@@ -133,7 +159,7 @@ def run_cascade(cfg: RunConfig, *, progress: bool = True) -> CascadeResult:
         rows.append(row)
         parent = row.model_path
 
-    chosen = choose(setup.acc, rows, pc.tolerance, pc.target)
+    chosen = choose(setup.score, rows, pc.tolerance, pc.target, higher_is_better=setup.task.higher_is_better)
     out = setup.run_dir
     result = CascadeResult(
         name=cfg.name, run_dir=out, base=setup.base_info(), rounds=rows, chosen=chosen, tolerance=pc.tolerance,
@@ -154,11 +180,11 @@ def run_cascade(cfg: RunConfig, *, progress: bool = True) -> CascadeResult:
             log.error("failed: round %d (keep %.0f%%): %s", r.round, 100 * r.keep_ratio, r.error)
     if chosen is not None:
         r = rows[chosen]
-        log.info("chosen: round %d (keep %.0f%%): test acc %.2f%% (%+.2f vs unpruned %.2f%%), FLOPs -%.1f%%, "
-                 "params -%.1f%% -> %s", chosen + 1, 100 * r.keep_ratio, r.acc, r.acc_change, setup.acc,
-                 r.flops_removed_pct, r.params_removed_pct, chosen_copy)
+        log.info("chosen: round %d (keep %.0f%%): test %s %.4g (change %+.4g vs unpruned %.4g, positive is better), FLOPs -%.1f%%, "
+                 "params -%.1f%% -> %s", chosen + 1, 100 * r.keep_ratio, setup.metric, _score(r), _change(r),
+                 setup.score, r.flops_removed_pct, r.params_removed_pct, chosen_copy)
     else:
-        log.warning("no pruned network stays within %g points of the unpruned %.2f%%; keep the unpruned model (%s)",
-                    pc.tolerance, setup.acc, setup.base_path)
+        log.warning("no pruned network stays within %g of the unpruned %s %.4g; keep the unpruned model (%s)",
+                    pc.tolerance, setup.metric, setup.score, setup.base_path)
     log.info("results: %s, plot: %s (%.0fs in all)", result.results_path, result.plot_path, result.seconds)
     return result

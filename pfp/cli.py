@@ -109,13 +109,9 @@ def load_run_config(path: Path | None, overrides: dict | None = None) -> RunConf
 
 def check_model_name(name: str) -> None:
     """ConfigError with the closest names when `name` is not a model `build_model` knows."""
-    from pfp.models import TV_PREFIX, unknown_model_error, available_models
+    from pfp.models import check_model_name as check
 
-    names = available_models()
-    key = name.strip()
-    ok = (TV_PREFIX + key[len(TV_PREFIX):]) in names if key.lower().startswith(TV_PREFIX) else key.lower() in names
-    if not ok:
-        raise unknown_model_error(key)
+    check(name)
 
 
 def split_option(value: str | None, what: str, cast: Callable[[str], T] = str) -> list[T] | None:
@@ -221,8 +217,8 @@ def prune_cmd(
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         data = load_data(cfg)
-        example = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
-        model, info, _ = load_checkpoint_for(checkpoint, data, example)
+        example = torch.zeros(1, *data.example_shape)
+        model, info, _ = load_checkpoint_for(checkpoint, data, example, cfg)
         reference = None
         if of_original:
             rep = (info["meta"].get("report") or {}) if isinstance(info["meta"], dict) else {}

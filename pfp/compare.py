@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 VARIANTS = {"plain": [False], "shared": [True], "both": [False, True]}
 CSV_FIELDS = [
     "method", "postprocess", "target", "reduction", "keep_ratio", "achieved_keep", "target_flops_removed_pct", "flops_removed_pct",
-    "params_removed_pct", "params", "flops", "acc_before_retrain", "acc", "acc_change", "eps",
+    "params_removed_pct", "params", "flops", "acc_before_retrain", "acc", "acc_change", "metric",
+    "score_before_retrain", "score", "score_change", "eps",
     "prune_seconds", "retrain_seconds", "seconds", "error",
 ]  # fmt: skip
 
@@ -143,12 +144,33 @@ def _title(r: RoundResult) -> str:
     return r.method + (" + BN/refit" if r.postprocess == "shared" else "")
 
 
+def _base_score(b: BaseInfo) -> float:
+    return b.score if b.score is not None else b.acc  # type: ignore[return-value]
+
+
+def _score(r: RoundResult) -> float:
+    """The task's metric after retraining (rows written before tasks: acc)."""
+    return r.score if r.score is not None else r.acc  # type: ignore[return-value]
+
+
+def _before(r: RoundResult) -> float:
+    return r.score_before_retrain if r.score_before_retrain is not None else r.acc_before_retrain  # type: ignore[return-value]
+
+
+def _change(r: RoundResult) -> float:
+    """Signed so that positive is better."""
+    return r.score_change if r.score_change is not None else r.acc_change  # type: ignore[return-value]
+
+
 def summary_table(result: CompareResult) -> Table:
     """The comparison as a rich table: one row per point, the unpruned model first."""
     t = Table(title=f"compare {result.name}: one-shot FLOP reduction, then {result.retrain_epochs} epochs of retraining")
-    for col in ("method", "FLOPs removed (target)", "params removed", "acc before retrain", "acc after", "change", "time"):
+    m = result.base.metric
+    for col in ("method", "FLOPs removed (target)", "params removed", f"{m} before retrain", f"{m} after", "change",
+                "time"):
         t.add_column(col, justify="left" if col == "method" else "right")
-    t.add_row("unpruned", "0%", "0%", "", f"{result.base.acc:.2f}%", "", "", style="dim")
+    fmt = (lambda v: f"{v:.2f}%") if m == "acc" else (lambda v: f"{v:.4g}")  # noqa: E731
+    t.add_row("unpruned", "0%", "0%", "", fmt(_base_score(result.base)), "", "", style="dim")
     for r in result.rows:
         goal = f"({100 * (r.reduction or 0):.0f}%)"
         if not r.ok:
@@ -158,26 +180,26 @@ def summary_table(result: CompareResult) -> Table:
             _title(r),
             f"{r.flops_removed_pct:.1f}%" + (f" {goal}" if r.target == "flops" else ""),
             f"{r.params_removed_pct:.1f}%" + (f" {goal}" if r.target == "params" else ""),
-            f"{r.acc_before_retrain:.2f}%",
-            f"{r.acc:.2f}%",
-            Text(f"{r.acc_change:+.2f}", style="green" if r.acc_change >= -result.tolerance else "red"),
+            fmt(_before(r)),
+            fmt(_score(r)),
+            Text(f"{_change(r):+.4g}", style="green" if _change(r) >= -result.tolerance else "red"),
             f"{r.seconds:.0f}s",
         )
     return t
 
 
-def _plot(rows: list[RoundResult], base_acc: float, name: str, path: Path) -> Path:
+def _plot(rows: list[RoundResult], base_acc: float, name: str, path: Path, metric: str = "acc") -> Path:
     fig, ax = new_axes()
     markers = "osD^v<>PX*"
     methods = list(dict.fromkeys(_title(r) for r in rows))
     for i, m in enumerate(methods):
-        pts = sorted((r.flops_removed_pct, r.acc) for r in rows if _title(r) == m and r.ok)
+        pts = sorted((r.flops_removed_pct, _score(r)) for r in rows if _title(r) == m and r.ok)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m,
                     ls="--" if "BN/refit" in m else "-")
-    ax.axhline(base_acc, color="black", ls="--", lw=1, label=f"unpruned {base_acc:.2f}%")
+    ax.axhline(base_acc, color="black", ls="--", lw=1, label=f"unpruned {base_acc:.4g}")
     ax.set_xlabel("FLOPs removed (%)")
-    ax.set_ylabel("test accuracy after retraining (%)")
+    ax.set_ylabel("test accuracy after retraining (%)" if metric == "acc" else f"test {metric} after retraining")
     ax.set_title(f"{name}: methods compared")
     return save_figure(fig, ax, path)
 
@@ -197,7 +219,7 @@ def save_compare(result: CompareResult) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(_csv_row(r) for r in result.rows)
-    _plot(result.rows, result.base.acc, result.name, paths["png"])
+    _plot(result.rows, _base_score(result.base), result.name, paths["png"], result.base.metric)
     return paths
 
 
@@ -229,7 +251,7 @@ def run_compare(
 
     paths = save_compare(result)
     failed = sum(1 for r in result.rows if not r.ok)
-    log.info("%d/%d points done%s; unpruned %.2f%%, %s FLOPs. Wrote %s, %s, %s (%.0fs in all)",
+    log.info("%d/%d points done%s; unpruned %s %.4g, %s FLOPs. Wrote %s, %s, %s (%.0fs in all)",
              len(result.rows) - failed, len(result.rows), f", {failed} failed (see the error column)" if failed else "",
-             setup.acc, format_count(setup.flops), paths["json"], paths["csv"], paths["png"], result.seconds)
+             setup.metric, setup.score, format_count(setup.flops), paths["json"], paths["csv"], paths["png"], result.seconds)
     return result

@@ -6,7 +6,7 @@ with the dotted path of the offending field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,8 +27,28 @@ class StrictModel(BaseModel):
 _Strict = StrictModel  # alias for callers not yet migrated
 
 
+BUILTIN_DATA = ("fashion_mnist", "cifar10", "imagefolder", "imagenet", "synthetic")
+
+
+def _check_import_path(value: str, field: str) -> str:
+    """`value` itself when it is not an import path, or when it resolves (one line naming `field` if not)."""
+    from pfp.imports import ImportPathError, is_import_path, resolve
+
+    if is_import_path(value):
+        try:
+            resolve(value, field)
+        except ImportPathError as e:  # pydantic names the field already
+            raise ValueError(str(e).removeprefix(f"{field}: ")) from None
+    return value
+
+
 class DataConfig(StrictModel):
-    name: Literal["fashion_mnist", "cifar10", "imagefolder", "imagenet", "synthetic"] = "fashion_mnist"
+    name: str = Field(
+        "fashion_mnist",
+        description=f"{', '.join(BUILTIN_DATA)}, or 'package.module:callable' returning (train, test) datasets or "
+        "loaders, called with data.kwargs",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of an import-path data.name")
     root: str | None = Field(None, description="folder holding the data set; None looks in the usual places")
     input_size: int | None = Field(None, ge=8, description="resize images to this side; None keeps the native size")
     batch_size: int = Field(128, ge=1)
@@ -45,12 +65,63 @@ class DataConfig(StrictModel):
     limit_train: int | None = Field(None, ge=1, description="use only the first N training images (quick runs)")
     limit_test: int | None = Field(None, ge=1, description="use only the first N test images (quick runs)")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from pfp.imports import is_import_path
+
+        if v not in BUILTIN_DATA and not is_import_path(v):
+            raise ValueError(f"unknown data set {v!r}; use one of {', '.join(BUILTIN_DATA)} or 'package.module:callable'")
+        return _check_import_path(v, "data.name")
+
+    @model_validator(mode="after")
+    def _kwargs_only_for_imports(self) -> "DataConfig":
+        if self.kwargs and self.name in BUILTIN_DATA:
+            raise ValueError(f"data.kwargs: only an import-path data.name takes kwargs, not {self.name!r}")
+        return self
+
 
 class ModelConfig(StrictModel):
-    name: str = "lenet5"
-    pretrained_checkpoint: str | None = Field(
-        None, description="start from this trained checkpoint instead of training from scratch"
+    name: str = Field(
+        "lenet5", description="one of ours (pfp models), tv:<torchvision name>, timm:<timm name> (optional extra), "
+        "or 'package.module:callable' returning an nn.Module, called with model.kwargs"
     )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of an import-path or timm: model.name"
+    )
+    weights: str | None = Field(
+        None, description="tv: models only: torchvision weights to start from (DEFAULT or an enum name such as "
+        "IMAGENET1K_V1); downloaded by torchvision, so the machine must be online"
+    )
+    pretrained_checkpoint: str | None = Field(
+        None, description="start from this trained checkpoint instead of training from scratch: a pfp model file, "
+        "a state_dict, or a file holding {'state_dict': ...}"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_import_path(v, "model.name")
+
+    @model_validator(mode="after")
+    def _weights_and_kwargs(self) -> "ModelConfig":
+        from pfp.imports import is_import_path
+
+        key = self.name.strip().lower()
+        if self.weights is not None and not key.startswith("tv:"):
+            raise ValueError(f"model.weights: only tv: models have published weights, not {self.name!r}; "
+                             "use model.pretrained_checkpoint for your own")
+        if self.kwargs and not (is_import_path(self.name) or key.startswith("timm:")):
+            raise ValueError(f"model.kwargs: only an import-path or timm: model.name takes kwargs, not {self.name!r}")
+        if key.startswith("timm:"):
+            from pfp.models import require_timm
+
+            require_timm(self.name)
+        if self.weights is not None:
+            from pfp.models import tv_weights
+
+            tv_weights(self.name.strip()[3:], self.weights)  # an unknown enum name fails here, before any work
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -195,6 +266,21 @@ class RunConfig(StrictModel):
     retrain: TrainConfig | None = Field(None, description="retraining after each prune; None reuses train")
     prune: PruneConfig = Field(default_factory=PruneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    task: str | None = Field(
+        None, description="what the model is trained for and judged by: None or 'classification' (the default), "
+        "or 'package.module:Task' (a pfp.tasks.Task: its loss, evaluation and metric)"
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str | None) -> str | None:
+        from pfp.imports import is_import_path
+
+        if v is None or v.strip().lower() == "classification":
+            return v
+        if not is_import_path(v):
+            raise ValueError(f"task: {v!r} is neither 'classification' nor an import path 'package.module:Task'")
+        return _check_import_path(v, "task")
 
     @model_validator(mode="after")
     def _retrain_default(self) -> "RunConfig":
@@ -211,6 +297,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"]
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

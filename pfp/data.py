@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pfp.config import ConfigError, DataConfig
+from pfp.config import BUILTIN_DATA, ConfigError, DataConfig
 from pfp.errors import CoreError
+from pfp.imports import call
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ __all__ = [
     "DataBundle",
     "InMemoryImageDataset",
     "build_data",
+    "infer_num_classes",
     "make_loader",
     "split_calibration",
     "read_idx",
@@ -83,11 +85,17 @@ class DataBundle:
 
     train: Dataset
     test: Dataset
-    num_classes: int
+    num_classes: int | None  # None: a user's data set, counted only where classification needs it
     in_channels: int
-    input_size: int  # side of the (square) images the model sees
+    input_size: int  # side of the (square) images the model sees; a user's data: the last dimension
     name: str
     classes: list[str] = field(default_factory=list)
+    input_shape: tuple[int, ...] | None = None  # one input without the batch dimension, when not square images
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one input, without the batch dimension (what the example input is made of)."""
+        return self.input_shape or (self.in_channels, self.input_size, self.input_size)
 
 
 # --------------------------------------------------------------------------- in-memory sets
@@ -448,6 +456,61 @@ def _load_synthetic(cfg: DataConfig, seed: int = 0) -> DataBundle:
     return DataBundle(train, test, k, c, s, "synthetic", classes)
 
 
+# --------------------------------------------------------------------------- a user's data
+
+
+def _as_dataset(obj: object, which: str, path: str) -> Dataset:
+    if isinstance(obj, DataLoader):
+        return obj.dataset  # the pipeline makes its own loaders (data.batch_size, seeded shuffling)
+    if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+        return obj  # type: ignore[return-value]
+    raise DataFormatError(f"data.name: {path} returned a {type(obj).__name__} as the {which} set, "
+                          "not a Dataset or DataLoader")
+
+
+def _load_custom(cfg: DataConfig) -> DataBundle:
+    """(train, test) from the user's callable; the input shape from the first training sample."""
+    out = call(cfg.name, "data.name", **cfg.kwargs)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise DataFormatError(f"data.name: {cfg.name} returned a {type(out).__name__}, not a (train, test) pair")
+    train, test = (_as_dataset(obj, which, cfg.name) for obj, which in zip(out, ("train", "test")))
+    train, test = _limit(train, cfg.limit_train), _limit(test, cfg.limit_test)
+    if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
+        raise DataFormatError(f"data.name: {cfg.name} returned an empty {'train' if len(train) == 0 else 'test'} set")  # type: ignore[arg-type]
+    sample = train[0]
+    if not isinstance(sample, (tuple, list)) or len(sample) < 2 or not isinstance(sample[0], torch.Tensor):
+        raise DataFormatError(f"data.name: a training sample of {cfg.name} is a {type(sample).__name__}, "
+                              "not an (input tensor, target) pair")
+    shape = tuple(int(d) for d in sample[0].shape)
+    if not shape:
+        raise DataFormatError(f"data.name: the inputs of {cfg.name} are scalars; a model needs at least [features]")
+    inner = train
+    while isinstance(inner, Subset):
+        inner = inner.dataset
+    classes = [str(c) for c in getattr(inner, "classes", None) or []]
+    return DataBundle(train, test, None, shape[0], shape[-1], cfg.name, classes, input_shape=shape)
+
+
+def infer_num_classes(data: DataBundle) -> int:
+    """The number of classes of a classification data set: its `classes`, else 1 + the largest label."""
+    if data.num_classes is not None:
+        return data.num_classes
+    if data.classes:
+        return len(data.classes)
+    top = -1
+    for ds in (data.train, data.test):
+        for i in range(len(ds)):  # type: ignore[arg-type]
+            y = ds[i][1]
+            if isinstance(y, torch.Tensor) and y.numel() == 1 and not y.is_floating_point():
+                y = int(y)
+            if not isinstance(y, int) or isinstance(y, bool):
+                raise DataFormatError(
+                    f"data.name: {data.name}: sample {i} has target {type(y).__name__}, not an integer class label; "
+                    "classification needs one, or name your task in the config's `task` field")
+            top = max(top, y)
+    return top + 1
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -465,6 +528,8 @@ def build_data(cfg: DataConfig) -> DataBundle:
         return _load_imagefolder(cfg)
     if cfg.name == "synthetic":
         return _load_synthetic(cfg)
+    if cfg.name not in BUILTIN_DATA:
+        return _load_custom(cfg)
     raise ValueError(f"unknown data set {cfg.name!r}")  # pydantic rejects these first
 
 
@@ -525,6 +590,10 @@ def data_fingerprint(ds: Dataset) -> str:
         h.update(str(tuple(ds.images.shape)).encode())
         h.update(ds.images.contiguous().numpy().tobytes())
         h.update(ds.targets.numpy().tobytes())
+    elif isinstance(getattr(ds, "tensors", None), tuple):  # TensorDataset: a user's generated data
+        for t in ds.tensors:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
     elif hasattr(ds, "samples"):
         for path, label in sorted(ds.samples):
             h.update(f"{path}\t{label}\n".encode())

@@ -1,4 +1,5 @@
-"""Model zoo: the networks of the PFP paper plus any torchvision classifier (prefix "tv:").
+"""Model zoo: the networks of the PFP paper, any torchvision classifier (prefix "tv:"), any timm
+model (prefix "timm:", where timm is installed) and your own ("package.module:callable").
 
 All models are plain module graphs (no in-place ops on shared tensors, residual
 shortcuts as real modules) so torch_pruning's DependencyGraph can trace them and
@@ -7,15 +8,20 @@ physically remove channels.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from pfp.config import ConfigError
+from pfp.imports import ImportPathError, call, is_import_path
 
-__all__ = ["build_model", "available_models", "unknown_model_error", "OUR_MODELS", "LeNet5", "LeNet300100", "CifarResNet", "BasicBlock", "VGG"]
+__all__ = ["build_model", "available_models", "check_model_name", "require_timm", "tv_weights",
+           "unknown_model_error", "OUR_MODELS", "LeNet5", "LeNet300100", "CifarResNet", "BasicBlock", "VGG"]
 
 TV_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
 
 
 def _kaiming_init(model: nn.Module) -> None:
@@ -202,7 +208,8 @@ def unknown_model_error(name: str) -> ConfigError:
     """The error for a model name build_model does not know, with the closest names."""
     close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown model {name!r}{hint} (ours: {', '.join(OUR_MODELS)}; or tv:<torchvision name>)")
+    return ConfigError(f"unknown model {name!r}{hint} (ours: {', '.join(OUR_MODELS)}; or tv:<torchvision name>, "
+                       "timm:<timm name>, 'package.module:callable')")
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -218,6 +225,75 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 setattr(parent, child_name, new)
                 return
     raise ConfigError("model has no Conv2d whose input channels could be changed")
+
+
+def tv_weights(name: str, weights: str) -> Any:
+    """torchvision's weights enum member `weights` ("DEFAULT" or e.g. "IMAGENET1K_V1") of model `name`."""
+    import torchvision.models as tvm
+
+    if name not in _tv_names():
+        raise unknown_model_error(TV_PREFIX + name)
+    enum = tvm.get_model_weights(name)
+    try:
+        return enum[weights.strip()]
+    except KeyError:
+        known = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise ConfigError(f"model.weights: {weights!r} is not a weights name of tv:{name} (known: {known})") from None
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    last = None
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, child_name, child)
+    if last is None:
+        raise ConfigError(f"model.weights: the model has no Linear classifier to resize to {num_classes} classes")
+    parent, child_name, child = last
+    setattr(parent, child_name, nn.Linear(child.in_features, num_classes, bias=child.bias is not None))
+
+
+def _build_tv_pretrained(name: str, weights: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    enum = tv_weights(name, weights)
+    try:
+        model = tvm.get_model(name, weights=enum)
+    except Exception as e:  # a download that fails offline, a corrupt cache
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.weights: cannot get {enum} for tv:{name} ({type(e).__name__}: {first}); "
+                          "torchvision downloads weights, so the machine must be online") from None
+    # A new head for another number of classes: fine-tuning starts from the pretrained features.
+    if len(enum.meta.get("categories") or []) != num_classes:
+        _replace_last_linear(model, num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def require_timm(name: str) -> None:
+    """ConfigError naming `name` when the optional timm package is not installed."""
+    if importlib.util.find_spec("timm") is None:
+        raise ConfigError(f"model.name: {name!r} needs the optional package timm (pip install timm)")
+
+
+def _build_timm(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    require_timm(TIMM_PREFIX + name)
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown model {TIMM_PREFIX + name!r}{hint}")
+    return timm.create_model(name, pretrained=False, **({"num_classes": num_classes, "in_chans": in_channels}
+                                                         | kwargs))
+
+
+def _build_import(path: str, kwargs: dict) -> nn.Module:
+    model = call(path, "model.name", **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ImportPathError(f"model.name: {path}(...) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _build_tv(name: str, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
@@ -239,16 +315,48 @@ def _build_tv(name: str, num_classes: int, in_channels: int, input_size: int) ->
     return model
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
-    """Build a freshly initialised model by name (see available_models()).
+def check_model_name(name: str) -> None:
+    """ConfigError with the closest names when `name` is not a model `build_model` knows.
+
+    Import paths were resolved when the config loaded; timm: names need timm installed.
+    """
+    key = name.strip()
+    if is_import_path(key):
+        return
+    if key.lower().startswith(TIMM_PREFIX):
+        require_timm(key)
+        return
+    names = available_models()
+    ok = (TV_PREFIX + key[len(TV_PREFIX):]) in names if key.lower().startswith(TV_PREFIX) else key.lower() in names
+    if not ok:
+        raise unknown_model_error(key)
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
+                kwargs: dict | None = None, weights: str | None = None) -> nn.Module:
+    """Build a model by name (see available_models()), freshly initialised unless `weights` says otherwise.
 
     Our models take any num_classes / in_channels; lenet5, lenet300_100 and vgg16_bn
     size their layers for input_size. "tv:<name>" builds torchvision's model without
-    weights, with its first conv swapped for one taking in_channels when that is not 3.
-    Unknown names raise ConfigError (a ValueError) with the closest matches.
+    weights (or with `weights`, "DEFAULT" or an enum name, downloaded by torchvision), with its
+    first conv swapped for one taking in_channels when that is not 3. "timm:<name>" calls
+    timm.create_model (an optional extra). "package.module:callable" calls it with `kwargs`
+    only (num_classes, in_channels and input_size are the callable's business). Unknown names
+    raise ConfigError (a ValueError) with the closest matches.
     """
     key = name.strip()
+    kwargs = dict(kwargs or {})
+    if is_import_path(key):
+        return _build_import(key, kwargs)
+    if weights is not None and not key.lower().startswith(TV_PREFIX):
+        raise ConfigError(f"model.weights: only tv: models have published weights, not {key!r}")
+    if key.lower().startswith(TIMM_PREFIX):
+        return _build_timm(key[len(TIMM_PREFIX):], num_classes, in_channels, kwargs)
+    if kwargs:
+        raise ConfigError(f"model.kwargs: only an import-path or timm: model takes kwargs, not {key!r}")
     if key.lower().startswith(TV_PREFIX):
+        if weights is not None:
+            return _build_tv_pretrained(key[len(TV_PREFIX):], weights, num_classes, in_channels)
         return _build_tv(key[len(TV_PREFIX) :], num_classes, in_channels, input_size)
     if key.lower() in OUR_MODELS:
         return OUR_MODELS[key.lower()](num_classes, in_channels, input_size)

@@ -10,22 +10,31 @@ per-group error curves from it. No labels are needed.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .grams import Gram, consumer_grams
 from .groups import ChannelGroup
 from .hooks import eval_mode
+from .tasks import relative_squared_error, softmax_kl
 
 EVAL_POINTS = 96  # judged points; the Gram statistics come from the held-out points after them
 
 
+Divergence = Callable[[torch.Tensor, torch.Tensor], float]
+
+
 def divergence(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    """KL(softmax(y) || softmax(y_hat)) per point for [N, classes] logits; else relative squared error."""
+    """The default without a task: KL(softmax(y) || softmax(y_hat)) per point for [N, classes] logits,
+    else relative squared error. A task's own (`pfp.tasks.Task.divergence`) replaces it."""
     if y.dim() == 2 and y.shape[1] > 1:
-        return float(F.kl_div(F.log_softmax(y_hat, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean"))
-    return float((y_hat - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
+        return softmax_kl(y, y_hat)
+    return relative_squared_error(y, y_hat)
+
+
+_default_divergence = divergence  # OutputProbe's parameter of the same name shadows it
 
 
 def refit_weights(module: nn.Module, gram: Gram, kept_inputs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -50,8 +59,10 @@ class OutputProbe:
     """
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], scores: dict[int, torch.Tensor], loader,
-                 device, grams: dict[str, Gram] | None = None, eval_points: int = EVAL_POINTS, ridge: float = 1e-4):
+                 device, grams: dict[str, Gram] | None = None, eval_points: int = EVAL_POINTS, ridge: float = 1e-4,
+                 divergence: Divergence | None = None):
         self.model, self.groups, self.device, self.ridge = model, groups, device, ridge
+        self.divergence: Divergence = divergence or _default_divergence
         self.order = {g.gid: torch.argsort(scores[g.gid].double(), descending=True) for g in groups}
         xs, n = [], 0
         for batch in loader:
@@ -104,7 +115,7 @@ class OutputProbe:
             for mod, w in saved:
                 mod.weight.data = w
         self.calls += 1
-        return divergence(self.y, y)
+        return self.divergence(self.y, y)
 
 
 def _masking(mask: torch.Tensor, conv: bool):

@@ -260,14 +260,15 @@ def _select(groups: list[ChannelGroup], counts: list[int], scores: dict[int, tor
 
 def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *, example_input: torch.Tensor,
           reference: tuple[int, int] | None = None, holdout_loader=None, postprocess_loader=None, device="cpu",
-          seed: int = 0) -> tuple[nn.Module, PruneReport, SoftPruner | None]:
+          seed: int = 0, divergence=None) -> tuple[nn.Module, PruneReport, SoftPruner | None]:
     """Prune a copy of `model` to keep_ratio of the reference resource (cfg.target); the one-shot result.
 
     calib_loader holds S (scores); postprocess_loader the held-out training images for BN
     recalibration and reconstruction (calib_loader when None); holdout_loader the points of
     the guarantee report (distinct from S). reference: (params, flops) of the unpruned
     network, so cascades stay relative to it; None means this model. For SFP the copy comes
-    back with filters zeroed and a SoftPruner.
+    back with filters zeroed and a SoftPruner. divergence: the task's output divergence for the
+    measuring allocators (pfp.tasks.Task.divergence); None picks one from the output's shape.
     """
     start = time.perf_counter()
     method = get_method(cfg.method)
@@ -308,7 +309,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     probe = None
     if allocation in MEASURING:
         probe = OutputProbe(model, groups, scores, postprocess_loader or calib_loader, device,
-                            grams=scored.grams if postprocess_loader is not None else None)
+                            grams=scored.grams if postprocess_loader is not None else None, divergence=divergence)
     req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
                         [scored.stats[g.gid] for g in groups] if scored.stats is not None else None,
                         resource, target_value, mult, mn, cfg.delta, probe)

@@ -13,12 +13,22 @@ class _Result(BaseModel):
 
 
 class BaseInfo(_Result):
-    """The trained base model and the calibration set S drawn for pruning it."""
+    """The trained base model and the calibration set S drawn for pruning it.
+
+    `metric`/`score` are the task's own metric (classification: "acc", top-1 percent) and
+    `higher_is_better` its direction; `metrics` the task's whole evaluation. `acc`/`loss`
+    are set for classification only.
+    """
 
     base_path: str
     run_dir: str
-    acc: float
-    loss: float
+    acc: float | None = None
+    loss: float | None = None
+    task: str = "classification"
+    metric: str = "acc"
+    higher_is_better: bool = True
+    score: float | None = None
+    metrics: dict[str, float] = {}
     params: int
     flops: int
     trained_now: bool
@@ -39,12 +49,17 @@ class EpochPoint(_Result):
     test_acc: float
     lr: float
     seconds: float
+    metric: str = "acc"  # the task's metric; for other tasks the accuracies are NaN
+    test_metrics: dict[str, float] = {}
 
 
 class RoundResult(_Result):
     """One prune-retrain-evaluate round (or one comparison point).
 
-    A round that pruning could not reach has `error` set and no measurements.
+    A round that pruning could not reach has `error` set and no measurements. `metric`,
+    `score_before_retrain`, `score` (after retraining), `score_change` (signed so that
+    positive is better, whatever the metric's direction) and `metrics` are the task's; the
+    acc_* fields are set for classification only.
     """
 
     method: str
@@ -60,6 +75,11 @@ class RoundResult(_Result):
     acc: float | None = None
     loss: float | None = None
     acc_change: float | None = None
+    metric: str | None = None
+    score_before_retrain: float | None = None
+    score: float | None = None
+    score_change: float | None = None
+    metrics: dict[str, float] = {}
     eps: float | None = None
     prune_seconds: float | None = None
     retrain_seconds: float | None = None

@@ -26,7 +26,8 @@ from pfp.prune import prune
 from pfp.resources import count_flops, count_params, format_count
 from pfp.results import EpochPoint, RoundResult
 from pfp.serialization import CheckpointError, load_model, save_model
-from pfp.setup import DATA_RUNTIME_FIELDS, Setup
+from pfp.setup import DATA_RUNTIME_FIELDS, Setup, hash_view
+from pfp.tasks import check_metrics, is_classification
 from pfp.train import claim_checkpoint, drop_checkpoint, evaluate, seed_everything, switch_enabled, train
 
 __all__ = ["RoundSpec", "run_round", "step_key"]
@@ -69,7 +70,7 @@ def step_key(setup: Setup, spec: RoundSpec) -> str:
             "retrain": cfg.retrain.model_dump() if cfg.retrain else None,
             "chain": list(spec.chain),
             "seed": spec.seed,
-            "data": cfg.data.model_dump(exclude=DATA_RUNTIME_FIELDS),
+            "data": hash_view(cfg.data, DATA_RUNTIME_FIELDS),
         }
     )
 
@@ -141,18 +142,19 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
     pruned, report, soft = prune(
         model, setup.calib_loader, pc, keep_ratio, example_input=setup.example_input,
         reference=(setup.params, setup.flops), holdout_loader=setup.holdout_loader,
-        postprocess_loader=setup.postprocess_loader, device=device, seed=spec.seed,
+        postprocess_loader=setup.postprocess_loader, device=device, seed=spec.seed, divergence=setup.task.divergence,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - start
     pruned.to(device)
     rcfg: TrainConfig = cfg.retrain  # type: ignore[assignment]  # RunConfig fills it from train
     amp = switch_enabled(rcfg.amp, device)
-    before = evaluate(pruned, setup.test_loader, device, amp=amp)
+    task = setup.task
+    before = evaluate(pruned, setup.test_loader, device, amp=amp, task=task)
     eps = getattr(report, "eps", None)
     eps = eps if isinstance(eps, (int, float)) else None
-    log.info("pruned in %.1fs%s: %s params, %s FLOPs; test acc before retraining %.2f%%", prune_seconds,
+    log.info("pruned in %.1fs%s: %s params, %s FLOPs; test %s before retraining %.4g", prune_seconds,
              f" (eps {eps:.3g})" if eps is not None else "", format_count(report.params), format_count(report.flops),
-             before["acc"])
+             task.metric, check_metrics(task, before))
 
     # Same data order for every step with this seed, whatever ran before it in this process.
     gen = getattr(setup.train_loader, "generator", None)
@@ -167,18 +169,21 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
     start = time.perf_counter()
     try:
         trained = train(pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
-                        checkpoint_path=ckpt, resume=True, progress=progress)
+                        checkpoint_path=ckpt, resume=True, progress=progress, task=task)
     except CheckpointError as e:  # e.g. the re-pruned network has other channel counts than the checkpoint
         log.warning("%s; retraining from the start", e)
         drop_checkpoint(ckpt)
         ckpt = claim_checkpoint(spec.out / "retrain.ckpt", key)
         trained = train(pruned, setup.train_loader, setup.test_loader, rcfg, device, epoch_callbacks=callbacks,
-                        checkpoint_path=ckpt, resume=False, progress=progress)
+                        checkpoint_path=ckpt, resume=False, progress=progress, task=task)
     if soft is not None:
         pruned, report = soft.finalize(pruned)
         pruned.to(device)
     retrain_seconds = time.perf_counter() - start
-    after = evaluate(pruned, setup.test_loader, device, amp=amp)
+    after = evaluate(pruned, setup.test_loader, device, amp=amp, task=task)
+    score_before, score = check_metrics(task, before), check_metrics(task, after)
+    acc = {"acc_before_retrain": before["acc"], "acc": after["acc"], "loss": after["loss"],
+           "acc_change": after["acc"] - setup.acc} if is_classification(task) else {"loss": after.get("loss")}
 
     params, flops = count_params(pruned), count_flops(pruned, setup.example_input)
     report_dict = report.to_dict()
@@ -186,8 +191,9 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
         method=pc.method, target=pc.target, keep_ratio=keep_ratio, round=spec.round,
         achieved_keep=(flops / setup.flops) if pc.target == "flops" else (params / setup.params),
         params=params, flops=flops, params_removed_pct=_pct_removed(params, setup.params),
-        flops_removed_pct=_pct_removed(flops, setup.flops), acc_before_retrain=before["acc"], acc=after["acc"],
-        loss=after["loss"], acc_change=after["acc"] - setup.acc, eps=eps, prune_seconds=prune_seconds,
+        flops_removed_pct=_pct_removed(flops, setup.flops), **acc, metric=task.metric,
+        score_before_retrain=score_before, score=score, score_change=task.change(score, setup.score), metrics=after,
+        eps=eps, prune_seconds=prune_seconds,
         retrain_seconds=retrain_seconds, seconds=prune_seconds + retrain_seconds, model_path=str(model_path),
         report_path=str(report_path), history=[EpochPoint(**dataclasses.asdict(e)) for e in trained.history],
         **_measured(report_dict),
@@ -195,8 +201,9 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
     report.save_json(report_path)
     # The model file is written last: with its step key it marks the round finished.
     save_model(model_path, pruned, setup.spec,
-               meta={"row": result.model_dump(mode="json"), "report": report_dict, "hash": key})
+               meta={"row": result.model_dump(mode="json"), "report": report_dict, "hash": key,
+                     "input_shape": list(setup.example_input.shape[1:])})  # export reads it for any model
     drop_checkpoint(ckpt)
-    log.info("test acc after retraining %.2f%% (%+.2f), FLOPs -%.1f%%, params -%.1f%% (%.0fs)", after["acc"],
-             result.acc_change, result.flops_removed_pct, result.params_removed_pct, result.seconds)
+    log.info("test %s after retraining %.4g (change %+.4g, positive is better), FLOPs -%.1f%%, params -%.1f%% (%.0fs)", task.metric,
+             score, result.score_change, result.flops_removed_pct, result.params_removed_pct, result.seconds)
     return result

@@ -256,3 +256,53 @@ def load_model(path: str | Path, builder: Callable[..., nn.Module]) -> tuple[nn.
     except Exception as e:
         raise _fail(path, f"state_dict does not fit the architecture ({_first_line(e)})") from None
     return model, {"spec": spec, "meta": payload.get("meta") or {}}
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(f"'{k}'" for k in keys[:n]) + more
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str | Path) -> None:
+    """Load `state` into `model`, or one CheckpointError line naming `source` and the first few
+    missing and unexpected keys (or the first key whose shape differs)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = ([f"missing keys {_names(missing)}"] if missing else []) + (
+            [f"unexpected keys {_names(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{source}: the state_dict does not match the model: {'; '.join(parts)}")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: entry '{k}' is a {type(v).__name__}, not a tensor")
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{source}: the state_dict does not match the model: key '{k}' has shape "
+                                  f"{list(v.shape)} in the file but {list(own[k].shape)} in the model")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model_or_state(path: str | Path, builder: Callable[..., nn.Module],
+                        fresh: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+    """A pretrained checkpoint in any of three forms: a pfp-model/1 file (rebuilt with `builder`,
+    as load_model), a plain state_dict, or a file holding {"state_dict": ...} (both loaded into
+    `fresh()`, the config's architecture). Returns (model on CPU, {"spec": ... or None, "meta": ...}).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _fail(path, f"not a readable checkpoint: {describe_load_error(e)}") from None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return load_model(path, builder)
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        payload = payload["state_dict"]
+    if not isinstance(payload, dict) or not payload or not all(isinstance(k, str) for k in payload):
+        raise _fail(path, f"neither a {FORMAT} file nor a state_dict (a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in payload):  # saved from inside DistributedDataParallel
+        payload = {k[len("module."):]: v for k, v in payload.items()}
+    model = fresh()
+    load_state_strict(model, payload, path)
+    return model, {"spec": None, "meta": {}}

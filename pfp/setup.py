@@ -25,14 +25,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pfp.config import ConfigError, RunConfig
-from pfp.data import DataBundle, build_data, data_fingerprint, make_loader, split_calibration
+from pfp.data import DataBundle, build_data, data_fingerprint, infer_num_classes, make_loader, split_calibration
 from pfp.distributed import barrier, get_rank, get_world_size, is_main_process
 from pfp.files import stable_hash
+from pfp.imports import is_import_path
 from pfp.models import build_model
 from pfp.prune import calibration_size
 from pfp.resources import count_flops, count_params, format_count
 from pfp.results import BaseInfo
-from pfp.serialization import CheckpointError, load_model, save_model
+from pfp.serialization import CheckpointError, load_model, load_model_or_state, save_model
+from pfp.tasks import Task, check_metrics, check_output, is_classification, load_task
 from pfp.train import (
     claim_checkpoint, drop_checkpoint, evaluate, resolve_device, seed_everything, switch_enabled, train,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "eval_view",
     "load_checkpoint_for",
     "load_data",
+    "model_spec",
+    "hash_view",
     "prepare",
     "refuse_distributed",
     "run_dir",
@@ -60,21 +64,50 @@ log = logging.getLogger(__name__)
 DATA_RUNTIME_FIELDS = {"eval_batch_size", "workers", "download", "root"}
 
 
+# Fields added after configs were first hashed: left out of a hash while unset, so that the
+# base models and rounds of configs that do not use them are still found on disk.
+_LATE_FIELDS = ("kwargs", "weights")
+
+
+def hash_view(section, exclude: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
+    """`section.model_dump(exclude=...)` without the late fields that are still unset."""
+    d = section.model_dump(exclude=set(exclude))
+    return {k: v for k, v in d.items() if not (k in _LATE_FIELDS and v in (None, {}))}
+
+
 def base_config_hash(cfg: RunConfig) -> str:
     """Hash of everything that determines the trained unpruned model.
 
     Batch sizes for evaluation, loader workers, the data root and the device are left out:
     they change where or how fast the model is made, not which model.
     """
-    return stable_hash(
-        {
-            "data": cfg.data.model_dump(exclude=DATA_RUNTIME_FIELDS),
-            "model": cfg.model.model_dump(exclude={"pretrained_checkpoint"}),
-            "train": cfg.train.model_dump(),
-            "seed": cfg.seed,
-            "calib_split": cfg.prune.calib_split,  # the images held out are never trained on
-        }
-    )
+    view = {
+        "data": hash_view(cfg.data, DATA_RUNTIME_FIELDS),
+        "model": hash_view(cfg.model, {"pretrained_checkpoint"}),
+        "train": cfg.train.model_dump(),
+        "seed": cfg.seed,
+        "calib_split": cfg.prune.calib_split,  # the images held out are never trained on
+    }
+    if not is_classification(load_task(cfg.task)):
+        view["task"] = cfg.task
+    return stable_hash(view)
+
+
+def model_spec(cfg: RunConfig, data: DataBundle, num_classes: int | None) -> dict:
+    """build_model's keyword arguments for the config's unpruned architecture (what a saved model
+    records so that pfp.serialization.load_model rebuilds it). Published weights are left out:
+    a saved model carries its own."""
+    if is_import_path(cfg.model.name):
+        return {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)}
+    if num_classes is None:
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} is a classifier, but task {cfg.task!r} has no classes; "
+            "name your own model as 'package.module:callable'")
+    spec = {"name": cfg.model.name, "num_classes": num_classes, "in_channels": data.in_channels,
+            "input_size": data.input_size}
+    if cfg.model.kwargs:
+        spec["kwargs"] = dict(cfg.model.kwargs)
+    return spec
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -120,8 +153,9 @@ def load_data(cfg: RunConfig) -> DataBundle:
     start = time.perf_counter()
     data = build_data(cfg.data)
     log.info(
-        "%d train / %d test images, %d classes, %dx%dx%d (%.1fs)", len(data.train), len(data.test),
-        data.num_classes, data.in_channels, data.input_size, data.input_size, time.perf_counter() - start,
+        "%d train / %d test samples, %s, input %s (%.1fs)", len(data.train), len(data.test),
+        f"{data.num_classes} classes" if data.num_classes is not None else "targets of the task's kind",
+        "x".join(str(d) for d in data.example_shape), time.perf_counter() - start,
     )  # fmt: skip
     return data
 
@@ -223,8 +257,8 @@ class Setup:
     spec: dict  # build_model kwargs of its architecture
     example_input: torch.Tensor  # [1, C, H, W] on `device`
     base_key: str  # identity of the base model, for resume keys
-    acc: float
-    loss: float
+    acc: float | None  # classification only (None for other tasks)
+    loss: float | None
     params: int
     flops: int
     trained_now: bool  # False when base.pt or a pretrained checkpoint was reused
@@ -236,6 +270,18 @@ class Setup:
     calib_size: int | None = None
     holdout_size: int | None = None
     held_out: Dataset | None = None  # the training images prune.calib_split kept out of training
+    task: Task = field(default_factory=lambda: load_task(None))
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's evaluation of the base model
+
+    @property
+    def metric(self) -> str:
+        """The name of the task's metric (classification: "acc")."""
+        return self.task.metric
+
+    @property
+    def score(self) -> float:
+        """The base model's value of the task's metric."""
+        return check_metrics(self.task, self.metrics)
     _base_state: dict | None = field(default=None, repr=False)
 
     def base_state(self) -> dict:
@@ -249,30 +295,51 @@ class Setup:
         calib = getattr(self.calib_loader, "dataset", None)
         return BaseInfo(
             base_path=str(self.base_path) if self.base_path else "", run_dir=str(self.run_dir), acc=self.acc,
-            loss=self.loss, params=self.params, flops=self.flops, trained_now=self.trained_now,
+            loss=self.loss, task=self.cfg.task or "classification", metric=self.metric,
+            higher_is_better=self.task.higher_is_better, score=self.score, metrics=self.metrics, params=self.params, flops=self.flops, trained_now=self.trained_now,
             data_hash=data_fingerprint(self.data.train),
             calib_hash=data_fingerprint(calib) if calib is not None else None,
             calib_size=self.calib_size or 0, holdout_size=self.holdout_size or 0, seconds=seconds,
         )  # fmt: skip
 
 
-def load_checkpoint_for(path: str | Path, data: DataBundle, example_input: torch.Tensor) -> tuple[nn.Module, dict, str]:
-    """A saved model checked against the data: (model on CPU, load_model's info, identity key).
+def load_checkpoint_for(path: str | Path, data: DataBundle, example_input: torch.Tensor, cfg: RunConfig | None = None,
+                        task: Task | None = None) -> tuple[nn.Module, dict, str]:
+    """A saved model checked against the data: (model on CPU, {"spec", "meta"}, identity key).
 
-    CheckpointError, naming the file, when it is unreadable or does not fit the data set's
-    classes, channels or image size.
+    `path` is a pfp model file, or (with `cfg`, whose model section builds the architecture)
+    a plain state_dict or a file holding {"state_dict": ...}. CheckpointError, naming the file,
+    when it is unreadable, its keys do not match, or it does not fit the data set's classes,
+    channels or input shape.
     """
     path = Path(path)
-    model, info = load_model(path, build_model)
-    spec = info["spec"]
-    if spec.get("num_classes", data.num_classes) != data.num_classes:
+    classify = is_classification(task)
+    spec: dict | None = None
+
+    def fresh() -> nn.Module:
+        nonlocal spec
+        if cfg is None:
+            raise CheckpointError(f"{path}: a plain state_dict needs the config's model section to build the model")
+        num_classes = (data.num_classes if data.num_classes is not None else infer_num_classes(data)) if (
+            classify and not is_import_path(cfg.model.name)) else data.num_classes
+        spec = model_spec(cfg, data, num_classes)
+        return build_model(**spec)
+
+    model, info = load_model_or_state(path, build_model, fresh)
+    spec = info["spec"] or spec
+    info = {"spec": spec, "meta": info["meta"]}
+    num_classes = data.num_classes
+    if classify and num_classes is None and "num_classes" in spec:
+        num_classes = infer_num_classes(data)
+    if num_classes is not None and spec.get("num_classes", num_classes) != num_classes:
         raise CheckpointError(
-            f"{path}: the model has {spec['num_classes']} classes but data set {data.name} has {data.num_classes}"
+            f"{path}: the model has {spec['num_classes']} classes but data set {data.name} has {num_classes}"
         )
-    if spec.get("in_channels", data.in_channels) != data.in_channels:
+    if "in_channels" in spec and spec["in_channels"] != data.in_channels:
         raise CheckpointError(
             f"{path}: the model takes {spec['in_channels']}-channel images but data set {data.name} has {data.in_channels}"
         )
+    shape = "x".join(str(d) for d in data.example_shape)
     try:
         model.eval()
         with torch.no_grad():
@@ -280,11 +347,11 @@ def load_checkpoint_for(path: str | Path, data: DataBundle, example_input: torch
     except Exception as e:  # noqa: BLE001 - any failure means the model does not fit the data
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"{path}: the model does not accept {data.in_channels}x{data.input_size}x{data.input_size} inputs "
-            f"of data set {data.name} ({type(e).__name__}: {first})"
+            f"{path}: the model does not accept {shape} inputs of data set {data.name} ({type(e).__name__}: {first})"
         ) from None
-    if out.ndim != 2 or out.shape[1] != data.num_classes:
-        raise CheckpointError(f"{path}: the model outputs shape {list(out.shape)}, expected [1, {data.num_classes}]")
+    if classify and num_classes is not None and isinstance(out, torch.Tensor) and (
+            out.ndim != 2 or out.shape[1] != num_classes):
+        raise CheckpointError(f"{path}: the model outputs shape {list(out.shape)}, expected [1, {num_classes}]")
     st = path.stat()
     key = stable_hash({"checkpoint": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns})
     return model, info, key
@@ -300,6 +367,7 @@ def _train_base(
     out: Path,
     key: str,
     progress: bool,
+    task: Task | None = None,
 ) -> tuple[nn.Module, bool]:
     """The trained base model: base.pt when it matches the config, otherwise trained now."""
     base_path = out / "base.pt"
@@ -318,7 +386,7 @@ def _train_base(
         barrier()
 
     seed_everything(cfg.seed + get_rank())
-    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)
+    model = build_model(**spec, weights=cfg.model.weights)
     ckpt = claim_checkpoint(out / "train.ckpt", key)
     world = get_world_size()
     log.info(
@@ -329,15 +397,15 @@ def _train_base(
     start = time.perf_counter()
     try:
         result = train(model, train_loader, test_loader, cfg.train, device, checkpoint_path=ckpt, resume=True,
-                       progress=progress)
+                       progress=progress, task=task)
     except CheckpointError as e:
         log.warning("%s; training from scratch", e)
         drop_checkpoint(ckpt)
         ckpt = claim_checkpoint(out / "train.ckpt", key)
         seed_everything(cfg.seed + get_rank())
-        model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)
+        model = build_model(**spec, weights=cfg.model.weights)
         result = train(model, train_loader, test_loader, cfg.train, device, checkpoint_path=ckpt, resume=False,
-                       progress=progress)
+                       progress=progress, task=task)
     seconds = time.perf_counter() - start
     if is_main_process():
         save_model(
@@ -346,6 +414,8 @@ def _train_base(
                 "config_hash": key,
                 "acc": result.final.get("acc"),
                 "loss": result.final.get("loss"),
+                "metrics": dict(result.final),
+                "input_shape": list(data.example_shape),  # export reads it for any model
                 "epochs": cfg.train.epochs,
                 "world_size": world,
                 "train_seconds": seconds,
@@ -353,7 +423,8 @@ def _train_base(
             },
         )  # fmt: skip
     barrier()
-    log.info("saved %s (test acc %.2f%%, %.0fs)", base_path, result.final.get("acc", float("nan")), seconds)
+    metric = task.metric if task is not None else "acc"
+    log.info("saved %s (test %s %.4g, %.0fs)", base_path, metric, result.final.get(metric, float("nan")), seconds)
     return model, True
 
 
@@ -371,6 +442,7 @@ def prepare(
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    task = load_task(cfg.task)
     data = load_data(cfg)
     train_set, held_out = split_training(cfg, data.train)
     train_loader = make_loader(
@@ -381,37 +453,42 @@ def prepare(
         data.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.workers, seed=cfg.seed,
         distributed=distributed,
     )  # fmt: skip
-    example_input = torch.zeros(1, data.in_channels, data.input_size, data.input_size)
+    example_input = torch.zeros(1, *data.example_shape)
     out = run_dir(cfg)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
 
     if cfg.model.pretrained_checkpoint:
-        model, info, key = load_checkpoint_for(cfg.model.pretrained_checkpoint, data, example_input)
+        model, info, key = load_checkpoint_for(cfg.model.pretrained_checkpoint, data, example_input, cfg, task)
         spec = info["spec"]
+        check_output(task, model, example_input, f"model.pretrained_checkpoint {cfg.model.pretrained_checkpoint}")
         trained_now, base_path = False, Path(cfg.model.pretrained_checkpoint)
         log.info("base: loaded %s (%s)", base_path, spec.get("name", "?"))
     else:
-        arch = build_model(cfg.model.name, data.num_classes, data.in_channels, data.input_size)  # name errors first
+        num_classes = data.num_classes
+        if num_classes is None and is_classification(task) and not is_import_path(cfg.model.name):
+            num_classes = infer_num_classes(data)  # our classifiers are built for a number of classes
+        spec = model_spec(cfg, data, num_classes)
+        arch = build_model(**spec)  # name and constructor errors first, before any training
+        check_output(task, arch, example_input, f"model.name {cfg.model.name}")
         if calibration:
             check_calib_split(cfg, calib_count(cfg, arch, example_input), len(data.train))
-        spec = {
-            "name": cfg.model.name, "num_classes": data.num_classes,
-            "in_channels": data.in_channels, "input_size": data.input_size,
-        }  # fmt: skip
         key = base_config_hash(cfg)
-        model, trained_now = _train_base(cfg, data, train_loader, test_loader, device, spec, out, key, progress)
+        model, trained_now = _train_base(cfg, data, train_loader, test_loader, device, spec, out, key, progress, task)
         base_path = out / "base.pt"
 
     model.to(device)
     example_input = example_input.to(device)
-    metrics = evaluate(model, test_loader, device, amp=switch_enabled(cfg.train.amp, device))
+    metrics = evaluate(model, test_loader, device, amp=switch_enabled(cfg.train.amp, device), task=task)
     params, flops = count_params(model), count_flops(model, example_input)
-    log.info("unpruned: test acc %.2f%%, %s params, %s FLOPs", metrics["acc"], format_count(params), format_count(flops))
+    classify = is_classification(task)
+    log.info("unpruned: test %s %.4g, %s params, %s FLOPs", task.metric, check_metrics(task, metrics),
+             format_count(params), format_count(flops))
     setup = Setup(
         cfg=cfg, device=device, data=data, train_loader=train_loader, test_loader=test_loader, model=model,
-        spec=spec, example_input=example_input, base_key=key, acc=metrics["acc"], loss=metrics["loss"],
-        params=params, flops=flops, trained_now=trained_now, base_path=base_path, run_dir=out, held_out=held_out,
+        spec=spec, example_input=example_input, base_key=key, acc=metrics["acc"] if classify else None,
+        loss=metrics["loss"] if classify else metrics.get("loss"), params=params, flops=flops,
+        trained_now=trained_now, base_path=base_path, run_dir=out, held_out=held_out, task=task, metrics=metrics,
     )  # fmt: skip
     if calibration:
         cal = calibration_loaders(cfg, data, model, example_input, pool=held_out)

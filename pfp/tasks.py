@@ -44,6 +44,21 @@ class Task:
         """How much better `new` is than `old` (negative: worse), whatever the direction."""
         return (new - old) if self.higher_is_better else (old - new)
 
+    def divergence(self, y: torch.Tensor, y_hat: torch.Tensor) -> float:
+        """How far the pruned network's outputs `y_hat` are from the unpruned ones `y` (no labels):
+        what the measuring allocators (holdout, search) minimise. Default: relative squared error."""
+        return relative_squared_error(y, y_hat)
+
+
+def relative_squared_error(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """||y_hat - y||^2 / ||y||^2."""
+    return float((y_hat - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
+
+
+def softmax_kl(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """Mean KL(softmax(y) || softmax(y_hat)) per point, for [N, classes] logits."""
+    return float(F.kl_div(F.log_softmax(y_hat, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean"))
+
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
@@ -60,6 +75,11 @@ class Classification(Task):
 
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(inputs), targets)
+
+    def divergence(self, y: torch.Tensor, y_hat: torch.Tensor) -> float:
+        if y.dim() == 2 and y.shape[1] > 1:
+            return softmax_kl(y, y_hat)
+        return relative_squared_error(y, y_hat)
 
     def evaluate(self, model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
         # float64 sums: float32 loses integer precision past 16M samples.
@@ -100,6 +120,31 @@ def load_task(name: str | None) -> Task:
     if not isinstance(obj, Task):
         raise TaskError(f"task: {name!r} is a {type(obj).__name__}, not a pfp.tasks.Task")
     return obj
+
+
+def is_classification(task: Task | None) -> bool:
+    """True for the default task (None or a Classification): the one with accuracy and label smoothing."""
+    return task is None or isinstance(task, Classification)
+
+
+def check_output(task: Task, model: nn.Module, example_input: torch.Tensor, source: str = "the model") -> None:
+    """One TaskError line when `model` (named `source`) fails on the example input, or when
+    classification would read an output that is not a tensor of logits."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    except Exception as e:  # a user's model: any error means it does not fit the data
+        first = (str(e).strip().splitlines() or [""])[0]
+        shape = "x".join(str(d) for d in example_input.shape[1:])
+        raise TaskError(f"{source} fails on an input of shape {shape} from the data ({type(e).__name__}: {first})") from None
+    finally:
+        model.train(was_training)
+    if is_classification(task) and not isinstance(out, torch.Tensor):
+        raise TaskError(
+            f"{source} returns {type(out).__name__}, not a tensor of logits, and no task reads it: name one in "
+            "the config's `task` field ('package.module:Task')")
 
 
 def check_metrics(task: Task, metrics: dict[str, float]) -> float:

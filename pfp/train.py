@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
@@ -31,6 +30,7 @@ from pfp.config import ConfigError, TrainConfig
 from pfp.distributed import barrier, is_distributed, is_main_process
 from pfp.files import read_json, write_json
 from pfp.serialization import CheckpointError, atomic_torch_save, describe_load_error, unwrap_model
+from pfp.tasks import Classification, Task, check_metrics, is_classification
 
 CHECKPOINT_FORMAT = "pfp-train/1"
 
@@ -128,7 +128,11 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
 
 @dataclass
 class EpochStats:
-    """What one epoch produced. Accuracies are percentages; lr is the last step's."""
+    """What one epoch produced. Accuracies are percentages; lr is the last step's.
+
+    For a task other than classification the accuracies are NaN, test_loss is its
+    evaluation's "loss" (NaN when it has none), and `metric`/`test_metrics` hold its own.
+    """
 
     epoch: int
     train_loss: float
@@ -137,10 +141,17 @@ class EpochStats:
     test_acc: float
     lr: float
     seconds: float
+    metric: str = "acc"
+    test_metrics: dict = field(default_factory=dict)
 
     def summary(self, epochs: int | None = None) -> str:
         """One human-readable line, e.g. for a log file."""
         of = f"/{epochs}" if epochs is not None else ""
+        if self.metric != "acc" and self.metric in self.test_metrics:
+            return (
+                f"epoch {self.epoch + 1}{of}  train loss {self.train_loss:.4f}  "
+                f"test {self.metric} {self.test_metrics[self.metric]:.4g}  lr {self.lr:.4g}  {self.seconds:.1f}s"
+            )
         return (
             f"epoch {self.epoch + 1}{of}  train loss {self.train_loss:.4f} acc {self.train_acc:.2f}%  "
             f"test loss {self.test_loss:.4f} acc {self.test_acc:.2f}%  lr {self.lr:.4g}  {self.seconds:.1f}s"
@@ -149,7 +160,7 @@ class EpochStats:
 
 @dataclass
 class TrainResult:
-    """Per-epoch history and the final test metrics {"acc": percent, "loss": mean CE}."""
+    """Per-epoch history and the final test metrics ({"acc": percent, "loss": mean CE}, or the task's)."""
 
     history: list[EpochStats] = field(default_factory=list)
     final: dict = field(default_factory=dict)
@@ -158,32 +169,22 @@ class TrainResult:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: nn.Module, loader, device: torch.device | str, amp: bool = False) -> dict:
-    """Top-1 accuracy (percent) and mean cross-entropy of `model` over `loader`.
+def evaluate(model: nn.Module, loader, device: torch.device | str, amp: bool = False, task: Task | None = None) -> dict:
+    """The task's metrics of `model` over `loader`; for classification (the default) top-1
+    accuracy (percent) and mean cross-entropy, {"acc", "loss"}.
 
     Under torch.distributed every rank evaluates its shard and the sums are all-reduced,
     so all ranks return the same numbers. (A DistributedSampler pads the last shard with
-    repeated samples, so those few count twice, as in torchvision.)
+    repeated samples, so those few count twice, as in torchvision.) A task whose dict lacks
+    its own metric is a TaskError.
     """
     device = torch.device(device)
     model.eval()
-    # float64 sums: float32 loses integer precision past 16M samples.
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    with torch.no_grad():
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=amp):
-                logits = model(images)
-            totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
-            totals[1] += (logits.argmax(dim=1) == targets).sum()
-            totals[2] += targets.numel()
-    if is_distributed():
-        dist.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
-    if count == 0:
-        return {"acc": 0.0, "loss": float("nan")}
-    return {"acc": 100.0 * correct / count, "loss": loss_sum / count}
+    if is_classification(task):
+        return (task or Classification()).evaluate(model, loader, device, amp=amp)  # type: ignore[call-arg]
+    metrics = {k: float(v) for k, v in task.evaluate(model, loader, device).items()}  # type: ignore[union-attr]
+    check_metrics(task, metrics)  # type: ignore[arg-type]
+    return metrics
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -327,8 +328,13 @@ def _broadcast_buffers(model: nn.Module) -> None:
 
 
 def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, *, amp: bool,
-                     channels_last: bool, grad_clip: float | None, desc: str, show: bool) -> tuple[float, float, float]:
-    """One pass over `loader`; returns (mean loss, accuracy %, last LR), summed over ranks."""
+                     channels_last: bool, grad_clip: float | None, desc: str, show: bool,
+                     task: Task | None = None) -> tuple[float, float, float]:
+    """One pass over `loader`; returns (mean loss, accuracy %, last LR), summed over ranks.
+
+    With a task other than classification its `loss` is the criterion and the accuracy is NaN.
+    """
+    classify = is_classification(task)
     model.train()
     # Accumulate on the device: calling .item() every step would stall the GPU pipeline.
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -340,8 +346,11 @@ def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, dev
         if channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=amp):
-            logits = model(images)
-            loss = criterion(logits, targets)
+            if classify:
+                logits = model(images)
+                loss = criterion(logits, targets)
+            else:
+                loss = task.loss(model, images, targets)  # type: ignore[union-attr]
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -356,7 +365,8 @@ def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, dev
         with torch.no_grad():
             n = targets.size(0)
             totals[0] += loss.detach().double() * n
-            totals[1] += (logits.argmax(dim=1) == targets).sum()
+            if classify:
+                totals[1] += (logits.argmax(dim=1) == targets).sum()
             totals[2] += n
         if show and step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
@@ -364,7 +374,7 @@ def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, dev
         dist.all_reduce(totals)
     loss_sum, correct, count = totals.tolist()
     count = max(count, 1.0)
-    return loss_sum / count, 100.0 * correct / count, lr
+    return loss_sum / count, (100.0 * correct / count) if classify else float("nan"), lr
 
 
 def train(
@@ -379,6 +389,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train `model` in place for cfg.epochs epochs and evaluate it after each one.
 
@@ -424,16 +435,17 @@ def train(
         train_loss, train_acc, lr = _train_one_epoch(
             train_model, train_loader, criterion, optimizer, scheduler, scaler, device,
             amp=use_amp, channels_last=use_channels_last, grad_clip=cfg.grad_clip,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}", show=show_bar,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", show=show_bar, task=task,
         )
         if is_distributed():
             _broadcast_buffers(raw)
         for callback in epoch_callbacks:
             callback(epoch, raw)
-        test = evaluate(raw, test_loader, device, amp=use_amp)
+        test = evaluate(raw, test_loader, device, amp=use_amp, task=task)
         stats = EpochStats(
-            epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test["loss"],
-            test_acc=test["acc"], lr=lr, seconds=time.perf_counter() - start,
+            epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test.get("loss", float("nan")),
+            test_acc=test.get("acc", float("nan")) if is_classification(task) else float("nan"), lr=lr,
+            seconds=time.perf_counter() - start, metric="acc" if task is None else task.metric, test_metrics=test,
         )
         history.append(stats)
         if ckpt_path is not None and is_main_process():
@@ -445,8 +457,10 @@ def train(
 
     if train_model is not model:
         del train_model  # drop DDP's hooks and buckets; the caller keeps the plain model
-    if history:
+    if history and is_classification(task):
         final = {"acc": history[-1].test_acc, "loss": history[-1].test_loss}
+    elif history and history[-1].test_metrics:
+        final = dict(history[-1].test_metrics)
     else:
-        final = evaluate(raw, test_loader, device, amp=use_amp)
+        final = evaluate(raw, test_loader, device, amp=use_amp, task=task)
     return TrainResult(history=history, final=final)

@@ -170,6 +170,20 @@ def test_choose_rule():
     assert choose(70.0, rows, 0.0) == 2
 
 
+def test_choose_reads_the_task_metric_in_its_direction():
+    def row(score, flops, acc=None):
+        return RoundResult(method="pfp", target="flops", keep_ratio=0.5, metric="mse", score=score, acc=acc,
+                           flops=flops)
+
+    # lower is better: within 0.5 above the base's 1.0, the smallest network wins
+    rows = [row(1.2, 50), row(1.4, 30), row(2.0, 15)]
+    assert choose(1.0, rows, 0.5, higher_is_better=False) == 1
+    assert choose(1.0, rows, 0.1, higher_is_better=False) is None
+    assert choose(1.0, rows, 1.0, higher_is_better=False) == 2
+    # the score, not acc, decides when both are set
+    assert choose(1.0, [row(1.1, 10, acc=0.0)], 0.5, higher_is_better=False) == 0
+
+
 def _must_not(what: str):
     def fail(*a, **k):
         raise AssertionError(what)

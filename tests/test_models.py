@@ -161,3 +161,42 @@ def test_resnet_residual_coupling():
     assert m.layer2[2].conv2.out_channels == 31
     assert m.layer3[0].conv1.in_channels == 31
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------- import paths, weights, timm
+
+
+def test_build_model_by_import_path_passes_only_kwargs():
+    from examples.segmentation import TinySegNet
+
+    m = build_model("examples.segmentation:TinySegNet", num_classes=99, kwargs={"classes": 5, "width": 8})
+    assert isinstance(m, TinySegNet) and m.head.out_channels == 5 and m.head.in_channels == 8
+
+
+def test_an_import_path_that_is_not_a_module_builder_is_one_line():
+    from pfp.imports import ImportPathError
+
+    with pytest.raises(ImportPathError, match=r"model.name: .*blobs.* returned a tuple, not a torch.nn.Module"):
+        build_model("examples.regression:blobs", kwargs={"train": 2, "test": 2})
+
+
+def test_check_model_name_accepts_import_paths_and_still_suggests_close_names():
+    from pfp.models import check_model_name
+
+    check_model_name("examples.regression:BlobRegressor")
+    with pytest.raises(ValueError, match="did you mean"):
+        check_model_name("lenet6")
+
+
+def test_tv_weights_resolve_offline_and_unknown_names_list_the_known():
+    from pfp.models import tv_weights
+
+    assert tv_weights("resnet18", "DEFAULT").name == "IMAGENET1K_V1"
+    assert tv_weights("resnet18", "IMAGENET1K_V1").name == "IMAGENET1K_V1"
+    with pytest.raises(ValueError, match="model.weights: 'V9' is not a weights name of tv:resnet18.*IMAGENET1K_V1"):
+        tv_weights("resnet18", "V9")
+
+
+def test_weights_are_refused_for_our_models():
+    with pytest.raises(ValueError, match="model.weights: only tv: models"):
+        build_model("lenet5", weights="DEFAULT")
