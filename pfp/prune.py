@@ -336,9 +336,13 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     if allocation in MEASURING:
         probe = OutputProbe(model, groups, scores, postprocess_loader or calib_loader, device,
                             grams=scored.grams if postprocess_loader is not None else None)
+    candidates = None
+    if on_latency:  # the largest count of each latency level: a count below it costs the same
+        candidates = [sorted({k for k in latency_model.staircase_counts(g.name) if mn <= k < g.size}
+                             | {g.size, min(g.size, latency_model.round_up(g.name, mn))}) for g in groups]
     req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
                         [scored.stats[g.gid] for g in groups] if scored.stats is not None else None,
-                        resource, target_value, mult, mn, cfg.delta, probe)
+                        resource, target_value, mult, mn, cfg.delta, probe, candidates)
     try:
         budget = allocate(allocation, req)
     except BudgetError as e:
