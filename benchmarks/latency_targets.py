@@ -120,8 +120,8 @@ def main() -> None:
     calib = [(xs, ys)]
     post = make_loader(post_ds, 128, shuffle=False)
     x = xs[:1]
-    base_acc = evaluate(model, test, "cpu")["accuracy"]
-    console.print(f"unpruned ResNet20: accuracy {base_acc:.4f} on {len(data.test)} test images")
+    base_acc = evaluate(model, test, "cpu")["acc"]
+    console.print(f"unpruned ResNet20: accuracy {base_acc:.2f}% on {len(data.test)} test images")
 
     grid = GridSettings(dense_upto=16, coarse_points=8, max_points=14) if args.quick else GridSettings()
     block_settings, model_settings = (QUICK_BLOCK, QUICK_MODEL) if args.quick else (None, None)
@@ -152,7 +152,7 @@ def main() -> None:
                 measured = rep.best_ratio
                 row = {"batch": batch, "target": target, "table_s": build_s, "table_bytes": size,
                        "measured": measured, "measured_over_target": measured / target, "met": rep.met,
-                       "tries": len(rep.tries), "latency_acc": evaluate(pruned, test, "cpu")["accuracy"],
+                       "tries": len(rep.tries), "latency_acc": evaluate(pruned, test, "cpu")["acc"],
                        "latency_flops": prep.flops / prep.original_flops}
                 for method in ("pfp", "tp_magnitude"):
                     got = flops_at_latency(model, calib, method, measured, spec,
@@ -162,24 +162,24 @@ def main() -> None:
                         row[f"{method}_flops_acc"] = None
                         continue
                     p, m, f = got
-                    row[f"{method}_flops_acc"] = evaluate(p, test, "cpu")["accuracy"]
+                    row[f"{method}_flops_acc"] = evaluate(p, test, "cpu")["acc"]
                     row[f"{method}_flops_measured"] = m
                     row[f"{method}_flops_flops"] = f
                 rows.append(row)
 
     t = Table(title=f"ResNet20, ort-cpu {args.threads} thread(s): latency target vs FLOPs target at the same "
-                    f"measured latency (unpruned accuracy {base_acc:.4f})", title_justify="left")
+                    f"measured latency (unpruned accuracy {base_acc:.2f}%)", title_justify="left")
     for col in ("batch", "target", "table s", "table KiB", "measured", "meas/target", "tries", "acc latency",
                 "acc pfp@flops (lat)", "acc tp_magnitude@flops (lat)"):
         t.add_column(col, justify="right")
     for r in rows:
         def acc(m: str) -> str:
             a = r.get(f"{m}_flops_acc")
-            return "-" if a is None else f"{a:.4f} ({r[f'{m}_flops_measured']:.3f})"
+            return "-" if a is None else f"{a:.2f}% ({r[f'{m}_flops_measured']:.3f})"
 
         t.add_row(str(r["batch"]), f"{r['target']:.2f}", f"{r['table_s']:.1f}", f"{r['table_bytes'] / 1024:.1f}",
                   f"{r['measured']:.3f}", f"{r['measured_over_target']:.3f}", str(r["tries"]),
-                  f"{r['latency_acc']:.4f}", acc("pfp"), acc("tp_magnitude"))
+                  f"{r['latency_acc']:.2f}%", acc("pfp"), acc("tp_magnitude"))
     console.print(t)
     if args.json:
         args.json.write_text(json.dumps({"base_accuracy": base_acc, "rows": rows}, indent=2))

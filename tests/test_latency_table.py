@@ -30,7 +30,7 @@ from pfp.prune import PruneError, prune
 pytest.importorskip("onnxruntime")
 
 FAST = LatencySettings(warmup=1, warmup_s=0.0, min_iters=3, max_iters=20, min_time_s=0.0, max_time_s=0.05)
-GRID = GridSettings(dense_upto=8)
+GRID = GridSettings(dense_upto=4, coarse_points=4, max_points=6)  # few exports: the tests stay quick
 
 
 class TinyNet(nn.Module):
@@ -133,8 +133,9 @@ def built(tmp_path_factory):
 def test_table_build_on_a_small_conv_net(built):
     table, cache, _ = built
     assert set(table.blocks) == {"conv1", "conv2"}
-    assert table.blocks["conv1"].counts == list(range(1, 9))
-    assert table.blocks["conv2"].counts == list(range(1, 13))
+    for name, size in (("conv1", 8), ("conv2", 12)):
+        counts = table.blocks[name].counts
+        assert counts[0] == 1 and counts[-1] == size and 4 <= len(counts) <= GRID.max_points
     assert table.full_ms > 0 and all(v > 0 for b in table.blocks.values() for v in b.ms)
     assert table.cached_blocks == 0 and table.build_seconds > 0
     files = sorted(cache.glob("*.json"))
