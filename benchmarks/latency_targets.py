@@ -30,7 +30,7 @@ from rich.table import Table
 
 from export.latency import LatencySettings
 from export.latency_table import GridSettings, build_latency_table, cache_size_bytes, check_target, load_runner
-from export.latency_target import SIDE_BY_SIDE, _side_by_side, prune_to_latency
+from export.latency_target import SIDE_BY_SIDE, time_side_by_side, prune_to_latency
 from pfp.config import LatencyTargetConfig, PruneConfig, load_config
 from pfp.data import build_data, make_loader, split_calibration
 from pfp.models import build_model
@@ -67,7 +67,7 @@ def measured_ratio(model, pruned, spec: LatencyTargetConfig, settings: LatencySe
     a = load_runner(backend, copy.deepcopy(pruned).cpu(), input_shape, spec, workdir, "flops_pruned")
     b = load_runner(backend, copy.deepcopy(model).cpu(), input_shape, spec, workdir, "flops_unpruned")
     try:
-        p, u = _side_by_side([a, b], spec.batch, spec.threads, settings, 2)
+        p, u = time_side_by_side([a, b], spec.batch, spec.threads, settings, 2)
     finally:
         a.close()
         b.close()

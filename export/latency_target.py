@@ -68,7 +68,7 @@ class LatencyTargetReport(BaseModel):
     message: str = ""
 
 
-def _side_by_side(runners: Sequence[Runner], batch: int, threads: int | None, settings: LatencySettings,
+def time_side_by_side(runners: Sequence[Runner], batch: int, threads: int | None, settings: LatencySettings,
                   rounds: int) -> list[float]:
     """p50 ms of each runner, measured in `rounds` interleaved rounds (order rotating) and pooled."""
     per_round = settings.model_copy(update={
@@ -132,7 +132,7 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
                     break
                 runner = load_runner(backend, copy.deepcopy(pruned).cpu(), input_shape, spec, workdir, f"pruned{i}")
                 try:
-                    p_ms, u_ms = _side_by_side([runner, unpruned], spec.batch, spec.threads, settings, rounds)
+                    p_ms, u_ms = time_side_by_side([runner, unpruned], spec.batch, spec.threads, settings, rounds)
                 finally:
                     runner.close()
                 t = LatencyTry(keep_ratio=asked, predicted_ratio=prep.latency_ms / table.full_ms,
