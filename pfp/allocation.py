@@ -245,15 +245,17 @@ def mass_eps(g: GroupStats, counts: list[int]) -> torch.Tensor:
 
 
 def bound_counts(stats: list[GroupStats], delta: float, resource_of: Callable[[list[int]], float], target: float,
-                 multiple: int = 1, minimum: int = 1, kind: str = "sample") -> BoundAllocation:
+                 multiple: int = 1, minimum: int = 1, kind: str = "sample",
+                 cands: list[list[int]] | None = None) -> BoundAllocation:
     """Per-layer tolerances minimising sum_g log(1 + eps_g(k_g)) subject to resource(k) <= target.
 
     kind="sample": eps_g(k) from the Bernstein sample-size bound (eps_for_counts);
     kind="mass": eps_g(k) is the sensitivity mass of the dropped channels (mass_eps);
     kind="mass_sum": the same eps_g, minimising sum_g eps_g instead of its logarithms.
-    The counts are chosen by greedy_counts on the exact resource model.
+    The counts are chosen by greedy_counts on the exact resource model, among `cands` per group
+    (e.g. a latency table's staircase counts) or else the multiples of `multiple`.
     """
-    cands = [allowed_counts(g.size, multiple, minimum) for g in stats]
+    cands = cands or [allowed_counts(g.size, multiple, minimum) for g in stats]
     if kind in ("mass", "mass_sum"):
         eps = [mass_eps(g, c) for g, c in zip(stats, cands)]
     else:

@@ -35,6 +35,14 @@ class BudgetRequest:
     minimum: int
     delta: float
     probe: "OutputProbe | None" = None  # measured output error of a budget, for the search allocators
+    # per group, the counts worth keeping (a latency table's staircases); None: multiples of `multiple`
+    candidates: list[list[int]] | None = None
+
+    def allowed(self, i: int) -> list[int]:
+        """The counts group i may keep, ascending."""
+        if self.candidates is not None:
+            return self.candidates[i]
+        return alloc.allowed_counts(self.sizes[i], self.multiple, self.minimum)
 
 
 @dataclass
@@ -89,7 +97,8 @@ def single_eps(req: BudgetRequest) -> Budget:
 def mass_bound(req: BudgetRequest) -> Budget:
     """Per-layer eps_g = sensitivity mass dropped, minimising sum log(1 + eps_g) at the target."""
     stats = _need_stats(req, "mass_bound")
-    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass")
+    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass",
+                             cands=req.candidates)
     return Budget(sol.counts, sol.eps, sol.multiplier)
 
 
@@ -97,7 +106,8 @@ def mass_bound(req: BudgetRequest) -> Budget:
 def mass_sum(req: BudgetRequest) -> Budget:
     """Per-layer eps_g = sensitivity mass dropped, minimising sum eps_g at the target."""
     stats = _need_stats(req, "mass_sum")
-    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass_sum")
+    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass_sum",
+                             cands=req.candidates)
     return Budget(sol.counts, sol.eps, sol.multiplier)
 
 
@@ -105,7 +115,8 @@ def mass_sum(req: BudgetRequest) -> Budget:
 def sample_bound(req: BudgetRequest) -> Budget:
     """Per-layer eps_g from the sample-size bound, minimising sum log(1 + eps_g) at the target."""
     stats = _need_stats(req, "sample_bound")
-    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="sample")
+    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="sample",
+                             cands=req.candidates)
     return Budget(sol.counts, sol.eps, sol.multiplier)
 
 
@@ -121,7 +132,7 @@ def holdout(req: BudgetRequest, points: int = 8) -> Budget:
         raise BudgetError("prune.allocation: holdout needs held-out images (a post-processing loader)")
     curves, cands = [], []
     for gi, n in enumerate(req.sizes):
-        c = alloc.allowed_counts(n, req.multiple, req.minimum)
+        c = req.allowed(gi)
         picks = sorted({c[round(i * (len(c) - 1) / max(1, points - 1))] for i in range(points)})
         measured = torch.tensor([req.probe.error(gi, k) for k in picks], dtype=torch.float64)
         curve = torch.from_numpy(np.interp(c, picks, measured.numpy()))
@@ -148,7 +159,7 @@ def search(req: BudgetRequest, steps: int = 8, groups_per_step: int = 8) -> Budg
     """
     if req.probe is None:
         raise BudgetError("prune.allocation: search needs held-out images (a post-processing loader)")
-    cands = [alloc.allowed_counts(n, req.multiple, req.minimum) for n in req.sizes]
+    cands = [req.allowed(i) for i in range(len(req.sizes))]
     stride = [max(1, len(c) // steps) for c in cands]
     idx = [len(c) - 1 for c in cands]
     counts = [c[-1] for c in cands]

@@ -24,7 +24,6 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-_Strict = StrictModel  # alias for callers not yet migrated
 
 
 BUILTIN_DATA = ("fashion_mnist", "cifar10", "imagefolder", "imagenet", "synthetic")
@@ -159,9 +158,30 @@ def _check_method(name: str) -> str:
     return name
 
 
+LATENCY_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class LatencyTargetConfig(StrictModel):
+    """Where `prune.target: latency` measures: the backend (a name of export.backends), batch, threads, precision."""
+
+    backend: str = Field("ort-cpu", description="ort-cpu, ort-cuda, torch-cpu, torch-cuda, torch-compile-cpu, "
+                         "torch-compile-cuda or tensorrt")
+    batch: int = Field(1, ge=1)
+    threads: int | None = Field(1, ge=1, description="CPU threads for CPU backends; None leaves them")
+    precision: Literal[LATENCY_PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    tries: int = Field(3, ge=1, description="prune-export-measure rounds at most, each correcting the target")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="measured/target ratio within 1 +- this is met")
+    cache_dir: str | None = Field(None, description="latency table cache; None: ~/.cache/pfp/latency_tables")
+
+
 class PruneConfig(StrictModel):
     method: str = Field("pfp", description="a name in pfp.methods' registry (pfp compare lists them)")
-    target: Literal["flops", "params"] = "flops"
+    target: Literal["flops", "params", "latency"] = Field(
+        "flops", description="the resource keep_ratios are fractions of; latency: measured on prune.latency's backend"
+    )
+    latency: LatencyTargetConfig | None = Field(
+        None, description="target latency: where it is measured; None with target latency uses the defaults"
+    )
     keep_ratios: list[float] = Field(
         default_factory=lambda: [0.5, 0.3, 0.15],
         description="cascade: fraction of the original resource kept after each round",
@@ -206,6 +226,12 @@ class PruneConfig(StrictModel):
     @classmethod
     def _method(cls, v: str) -> str:
         return _check_method(v)
+
+    @model_validator(mode="after")
+    def _latency_default(self) -> "PruneConfig":
+        if self.target == "latency" and self.latency is None:
+            object.__setattr__(self, "latency", LatencyTargetConfig())
+        return self
 
     @field_validator("calib_split")
     @classmethod

@@ -31,6 +31,7 @@ from .errors import CoreError
 from .groups import ChannelGroup, PruningGraph, kept_indices
 from .hooks import eval_mode
 from .importance import norm_scores
+from .latency_model import LatencyModel
 from .methods import ScoreRequest, get_method
 from .postprocess import postprocess
 from .probe import OutputProbe
@@ -65,9 +66,13 @@ class PruneReport:
     allocation_notes: list[str] = field(default_factory=list)
     guarantee: list[dict] = field(default_factory=list)  # per consumer: measured error next to eps_l
     postprocess: dict | None = None
+    latency_ms: float | None = None  # target latency: the table's prediction for the kept counts
+    reference_latency_ms: float | None = None  # target latency: the table's unpruned model, measured
 
     @property
     def achieved(self) -> float:
+        if self.target == "latency":
+            return self.latency_ms if self.latency_ms is not None else float("nan")
         return self.flops if self.target == "flops" else self.params
 
     def to_dict(self) -> dict:
@@ -121,7 +126,11 @@ class PruneReport:
         parts.append(Text(
             f"params {self.params:,} ({100 * (1 - self.params / self.original_params):.1f}% removed), "
             f"FLOPs {self.flops:,} ({100 * (1 - self.flops / self.original_flops):.1f}% removed), "
-            f"target {self.target} {self.target_value:,.0f} (off by {100 * (self.achieved / self.target_value - 1):+.2f}%)"
+            + (f"predicted latency {self.latency_ms:.4g} ms of {self.reference_latency_ms:.4g} ms, "
+               if self.latency_ms is not None and self.reference_latency_ms is not None else "")
+            + f"target {self.target} "
+            + (f"{self.target_value:.4g} ms" if self.target == "latency" else f"{self.target_value:,.0f}")
+            + f" (off by {100 * (self.achieved / self.target_value - 1):+.2f}%)"
         ))
         for name, why in self.skipped:
             parts.append(Text(f"not pruned: {name}: {why}", style="yellow"))
@@ -260,7 +269,8 @@ def _select(groups: list[ChannelGroup], counts: list[int], scores: dict[int, tor
 
 def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *, example_input: torch.Tensor,
           reference: tuple[int, int] | None = None, holdout_loader=None, postprocess_loader=None, device="cpu",
-          seed: int = 0, divergence=None) -> tuple[nn.Module, PruneReport, SoftPruner | None]:
+          seed: int = 0, divergence=None,
+          latency_model: LatencyModel | None = None) -> tuple[nn.Module, PruneReport, SoftPruner | None]:
     """Prune a copy of `model` to keep_ratio of the reference resource (cfg.target); the one-shot result.
 
     calib_loader holds S (scores); postprocess_loader the held-out training images for BN
@@ -269,8 +279,14 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     network, so cascades stay relative to it; None means this model. For SFP the copy comes
     back with filters zeroed and a SoftPruner. divergence: the task's output divergence for the
     measuring allocators (pfp.tasks.Task.divergence); None picks one from the output's shape.
+    cfg.target "latency" needs `latency_model`, the table of the unpruned network
+    (export.latency_table builds it): keep_ratio is then the fraction of its measured latency
+    to keep, and counts follow its staircases, not round_to.
     """
     start = time.perf_counter()
+    if cfg.target == "latency" and latency_model is None:
+        raise PruneError("prune.target latency needs a latency table of the model (prune(..., latency_model=...); "
+                         "export.latency_table.build_latency_table measures one)")
     method = get_method(cfg.method)
     model = copy.deepcopy(model).to(device).eval()
     original = copy.deepcopy(model)  # the unpruned network, on `device`: reconstruction's target
@@ -278,7 +294,13 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     graph = _graph(model, example_input, cfg.ignore_layers)
     rm = ResourceModel(model, example_input, graph.groups)
     ref_params, ref_flops = reference or (rm.total_params, rm.total_flops)
-    target_value = keep_ratio * (ref_flops if cfg.target == "flops" else ref_params)
+    on_latency = cfg.target == "latency"
+    if on_latency:
+        # the table is of the unpruned network, in absolute counts: a cascade stays relative to it
+        ref_value = latency_model.full_ms
+    else:
+        ref_value = ref_flops if cfg.target == "flops" else ref_params
+    target_value = keep_ratio * ref_value
     pick = 1 if cfg.target == "flops" else 0
 
     scored = method.score(ScoreRequest(model, graph.groups, calib_loader, device, cfg, seed, postprocess_loader))
@@ -291,28 +313,48 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     all_kept = {g.gid: g.size for g in graph.groups}
     order = [g.gid for g in graph.groups]
 
-    def resource(counts: list[int]) -> float:
-        kept = dict(all_kept)
-        kept.update({g.gid: k for g, k in zip(groups, counts)})
-        return rm.predict([kept[gid] for gid in order])[pick]
+    if on_latency:
+        missing = latency_model.missing([g.name for g in groups])
+        if missing:
+            raise PruneError(f"the latency table has no block for group {missing[0]!r} ({len(missing)} missing); "
+                             f"build it from this model with the same prune.ignore_layers")
+        timed = [g for g in graph.groups if g.name in latency_model.blocks]
 
-    mult, mn = cfg.round_to, cfg.min_channels
+        def resource(counts: list[int]) -> float:
+            kept = dict(all_kept)
+            kept.update({g.gid: k for g, k in zip(groups, counts)})
+            return latency_model.predict({g.name: kept[g.gid] for g in timed})
+    else:
+        def resource(counts: list[int]) -> float:
+            kept = dict(all_kept)
+            kept.update({g.gid: k for g, k in zip(groups, counts)})
+            return rm.predict([kept[gid] for gid in order])[pick]
+
+    # on latency, channel rounding comes from the table's staircases (after allocation), not a multiple
+    mult, mn = (1 if on_latency else cfg.round_to), cfg.min_channels
     sizes = [g.size for g in groups]
     floor = resource([alloc.round_count(mn, n, mult, mn) for n in sizes])
     if target_value < floor * (1 - 1e-9):
+        def fmt(v: float) -> str:
+            return f"{v:.4g} ms" if on_latency else f"{v:,.0f}"
+
         raise PruneError(
-            f"target {cfg.target} {keep_ratio:.4g} x reference = {target_value:,.0f} is below the smallest reachable "
-            f"{floor:,.0f} ({floor / (ref_flops if pick else ref_params):.2%} of the reference) with protected "
-            f"layers, min_channels={mn} and round_to={mult}"
+            f"target {cfg.target} {keep_ratio:.4g} x reference = {fmt(target_value)} is below the smallest "
+            f"reachable {fmt(floor)} (floor {floor / ref_value:.2%} of the reference) with protected "
+            f"layers, min_channels={mn}" + ("" if on_latency else f" and round_to={mult}")
         )
     allocation = cfg.allocation or method.allocation
     probe = None
     if allocation in MEASURING:
         probe = OutputProbe(model, groups, scores, postprocess_loader or calib_loader, device,
                             grams=scored.grams if postprocess_loader is not None else None, divergence=divergence)
+    candidates = None
+    if on_latency:  # the largest count of each latency level: a count below it costs the same
+        candidates = [sorted({k for k in latency_model.staircase_counts(g.name) if mn <= k < g.size}
+                             | {g.size, min(g.size, latency_model.round_up(g.name, mn))}) for g in groups]
     req = BudgetRequest(sizes, [scores[g.gid] for g in groups],
                         [scored.stats[g.gid] for g in groups] if scored.stats is not None else None,
-                        resource, target_value, mult, mn, cfg.delta, probe)
+                        resource, target_value, mult, mn, cfg.delta, probe, candidates)
     try:
         budget = allocate(allocation, req)
     except BudgetError as e:
@@ -320,6 +362,13 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     if method.top_up and resource(budget.counts) < target_value:
         budget = top_up(req, budget)
     counts = budget.counts
+    if on_latency:
+        # a count inside a latency level costs what the level's largest count costs: keep that many
+        stepped = [min(g.size, max(k, latency_model.round_up(g.name, k))) for g, k in zip(groups, counts)]
+        added = sum(stepped) - sum(counts)
+        if added:
+            budget.notes.append(f"{added} channels added along the latency staircases at no predicted cost")
+        counts = budget.counts = stepped
 
     randomized = cfg.selection == "randomized" and method.randomized_ok
     keep, weight_scale = _select(groups, counts, scores, randomized, seed)
@@ -350,6 +399,8 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         original_flops=ref_flops, params=0, flops=0, eps=budget.global_eps, delta=cfg.delta if bounded else None,
         layers=layers, skipped=skipped, scoring_seconds=scoring_seconds, calib_points=scored.points,
         allocation=allocation, allocation_notes=budget.notes,
+        latency_ms=resource(counts) if on_latency else None,
+        reference_latency_ms=ref_value if on_latency else None,
     )
     if method.soft:
         soft = SoftPruner(graph, {g.gid: k for g, k in zip(groups, counts)}, report, example_input)

@@ -1,0 +1,170 @@
+"""Prune to a measured latency target: allocate on the latency table, then measure and correct.
+
+The table predicts; the backend decides. After each prune the pruned and the unpruned model
+are timed side by side on the target backend (interleaved rounds, so drift of the machine
+hits both alike). A measured ratio more than `tolerance` off the target corrects the keep
+ratio given to the allocator by target / measured, and the model is pruned again from the
+unpruned one, at most `tries` times. The report lists target, prediction and measurement
+of every try and ends in one line: met, or not met with the best ratio reached.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from export.backends import Runner
+from export.latency import LatencySettings, measure
+from export.latency_table import LatencyTableError, build_latency_table, check_target, load_runner
+from export.machine import pin_cpu_threads
+from pfp.config import PruneConfig
+from pfp.latency_model import LatencyModel
+from pfp.prune import PruneError, PruneReport, prune
+
+log = logging.getLogger(__name__)
+
+# Each try times both models for about this long in all: enough for a ratio within a few percent.
+SIDE_BY_SIDE = LatencySettings(warmup=5, warmup_s=0.1, min_iters=20, max_iters=2000, min_time_s=0.5,
+                               max_time_s=3.0, rel_ci=0.02)
+
+
+class LatencyTry(BaseModel):
+    """One prune-export-measure round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_ratio: float = Field(description="the latency fraction asked of the allocator this try")
+    predicted_ratio: float = Field(description="the table's prediction for the pruned model / its full model")
+    measured_ratio: float = Field(description="pruned p50 / unpruned p50, timed side by side")
+    pruned_ms: float
+    unpruned_ms: float
+    flops_ratio: float
+
+
+class LatencyTargetReport(BaseModel):
+    """Target against measured, per try, and the verdict in one line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    batch: int
+    precision: str
+    threads: int | None
+    target: float
+    tolerance: float
+    tries: list[LatencyTry] = Field(default_factory=list)
+    met: bool = False
+    best_try: int | None = None
+    best_ratio: float | None = None
+    table_seconds: float = 0.0
+    table_cached_blocks: int = 0
+    message: str = ""
+
+
+def time_side_by_side(runners: Sequence[Runner], batch: int, threads: int | None, settings: LatencySettings,
+                  rounds: int) -> list[float]:
+    """p50 ms of each runner, measured in `rounds` interleaved rounds (order rotating) and pooled."""
+    per_round = settings.model_copy(update={
+        "min_iters": max(5, settings.min_iters // rounds), "max_iters": max(5, settings.max_iters // rounds),
+        "min_time_s": settings.min_time_s / rounds,
+        "max_time_s": max(settings.max_time_s / rounds, settings.min_time_s / rounds),
+    })
+    times: list[list[float]] = [[] for _ in runners]
+    order = list(range(len(runners)))
+    for r in range(rounds):
+        for i in order[r % len(order):] + order[: r % len(order)]:
+            runner = runners[i]
+            with pin_cpu_threads(threads if runner.device == "cpu" else None):
+                ts, _, _ = measure(runner.timed_step(batch), batch=batch, timer=runner.timer,
+                                   synchronize=runner.synchronize, settings=per_round)
+            times[i].extend(ts)
+    return [float(np.median(t)) for t in times]
+
+
+def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *,
+                     example_input: torch.Tensor, table: LatencyModel | None = None,
+                     postprocess_loader=None, holdout_loader=None, device: str = "cpu", seed: int = 0,
+                     settings: LatencySettings | None = None, rounds: int = 3, cache_dir: str | Path | None = None,
+                     progress: Callable[[str], None] | None = None,
+                     ) -> tuple[nn.Module, PruneReport, LatencyTargetReport]:
+    """Prune a copy of `model` to keep_ratio of its latency on cfg.latency's backend, measured.
+
+    `table` is the model's latency table (built here when None, through the cache). Returns
+    the pruned model of the try closest to the target, its PruneReport and the report of
+    every try. PruneError when even the first try's target is below the floor the
+    protected layers allow; LatencyTableError for a backend or batch that cannot run.
+    """
+    if cfg.target != "latency" or cfg.latency is None:
+        raise LatencyTableError(f"prune.target is {cfg.target!r}: prune_to_latency needs target latency")
+    spec = cfg.latency
+    backend = check_target(spec)
+    settings = settings or SIDE_BY_SIDE.model_copy(update={"threads": spec.threads})
+    if table is None:
+        table = build_latency_table(model, example_input, spec, ignore_layers=cfg.ignore_layers,
+                                    cache_dir=cache_dir, progress=progress)
+    report = LatencyTargetReport(backend=spec.backend, batch=spec.batch, precision=spec.precision,
+                                 threads=spec.threads, target=keep_ratio, tolerance=spec.tolerance,
+                                 table_seconds=table.build_seconds, table_cached_blocks=table.cached_blocks)
+    input_shape = list(example_input.shape[1:])
+    best: tuple[nn.Module, PruneReport] | None = None
+    stop = ""
+    asked = keep_ratio
+    with tempfile.TemporaryDirectory(prefix="pfp-latency-target-") as tmp:
+        workdir = Path(tmp)
+        unpruned = load_runner(backend, copy.deepcopy(model).cpu(), input_shape, spec, workdir, "unpruned")
+        try:
+            for i in range(spec.tries):
+                try:
+                    pruned, prep, _ = prune(model, calib_loader, cfg, asked, example_input=example_input,
+                                            postprocess_loader=postprocess_loader, holdout_loader=holdout_loader,
+                                            device=device, seed=seed, latency_model=table)
+                except PruneError as e:
+                    if i == 0:
+                        raise
+                    stop = f" (the corrected target {asked:.3g} cannot be pruned to: {e})"
+                    break
+                runner = load_runner(backend, copy.deepcopy(pruned).cpu(), input_shape, spec, workdir, f"pruned{i}")
+                try:
+                    p_ms, u_ms = time_side_by_side([runner, unpruned], spec.batch, spec.threads, settings, rounds)
+                finally:
+                    runner.close()
+                t = LatencyTry(keep_ratio=asked, predicted_ratio=prep.latency_ms / table.full_ms,
+                               measured_ratio=p_ms / u_ms, pruned_ms=p_ms, unpruned_ms=u_ms,
+                               flops_ratio=prep.flops / prep.original_flops)
+                report.tries.append(t)
+                if progress:
+                    progress(f"try {i + 1}/{spec.tries}: asked {asked:.3g}, predicted {t.predicted_ratio:.3g}, "
+                             f"measured {t.measured_ratio:.3g} (target {keep_ratio:.3g})")
+                if report.best_try is None or \
+                        abs(t.measured_ratio - keep_ratio) < abs(report.tries[report.best_try].measured_ratio - keep_ratio):
+                    report.best_try, best = i, (pruned, prep)
+                if abs(t.measured_ratio / keep_ratio - 1) <= spec.tolerance:
+                    report.met = True
+                    break
+                # the table was off by measured/predicted: ask for correspondingly more or less
+                corrected = asked * keep_ratio / t.measured_ratio
+                if corrected >= 1:
+                    stop = " (the correction asks for no pruning at all)"
+                    break
+                asked = corrected
+        finally:
+            unpruned.close()
+    assert best is not None  # the first try either raised or was recorded
+    b = report.tries[report.best_try]
+    report.best_ratio = b.measured_ratio
+    where = f"{spec.backend} batch {spec.batch} {spec.precision}"
+    if report.met:
+        report.message = (f"latency target {keep_ratio:.3g} met on {where}: measured {b.measured_ratio:.3g} "
+                          f"of the unpruned model (predicted {b.predicted_ratio:.3g}), try {report.best_try + 1}")
+    else:
+        report.message = (f"latency target {keep_ratio:.3g} not met on {where} within {spec.tolerance:.0%}: best "
+                          f"measured ratio {b.measured_ratio:.3g} after {len(report.tries)} tries{stop}")
+    log.info(report.message)
+    return best[0], best[1], report

@@ -1,0 +1,141 @@
+"""Per-layer latency tables as data: predicted latency of a pruning plan, and staircase counts.
+
+A table holds, for each channel group, the latency of its block (producer, norm, activation
+and the consumers whose width changes) measured at some channel counts on one backend, plus
+the whole model's latency at full width. The prediction for kept counts k_g is
+
+    full_ms + sum_g (block_g(k_g) - block_g(size_g))
+
+so whatever a block's measurement adds around the group (its input, the layers shared with
+other groups) cancels. Between measured counts the block latency is interpolated on its
+non-decreasing envelope, and counts whose latencies differ by less than `step_tol` form one
+level: a staircase. Within a level the latency is flat, so keeping the largest count of the
+level costs nothing: `staircase_counts` are the candidate counts, and `round_up` moves a count
+to the largest one at the same predicted latency.
+
+Measuring (export, backends, the harness) lives in export.latency_table; this module is pure
+data so that `pfp.prune` can allocate on a table without importing `export`.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TABLE_FORMAT = "pfp-latency-table/1"
+
+
+class BlockLatency(BaseModel):
+    """One group's block: measured channel counts (ascending) and their latency in ms."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(ge=1, description="the group's full channel count")
+    counts: list[int] = Field(min_length=1)
+    ms: list[float] = Field(min_length=1)
+    step_tol: float = Field(0.03, ge=0, lt=1, description="relative latency difference that starts a new level")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BlockLatency":
+        if len(self.counts) != len(self.ms):
+            raise ValueError(f"{len(self.counts)} counts but {len(self.ms)} latencies")
+        if any(b <= a for a, b in zip(self.counts, self.counts[1:])):
+            raise ValueError("counts must be strictly increasing")
+        if self.counts[0] < 1 or self.counts[-1] != self.size:
+            raise ValueError(f"counts must lie in 1..{self.size} and end at the full size {self.size}")
+        if any(not np.isfinite(v) or v < 0 for v in self.ms):
+            raise ValueError("latencies must be finite and non-negative")
+        return self
+
+    @cached_property
+    def levels(self) -> list[int]:
+        """Level index of each measured count (0 the fastest)."""
+        env = self.envelope_raw
+        levels, base = [0], env[0]
+        for v in env[1:]:
+            if v > base * (1 + self.step_tol) + 1e-12:
+                levels.append(levels[-1] + 1)
+                base = v
+            else:
+                levels.append(levels[-1])
+        return levels
+
+    @cached_property
+    def envelope_raw(self) -> np.ndarray:
+        # a count slower than a larger one could run as that larger one (zero-padded), so
+        # latency is taken non-decreasing in the count
+        a = np.asarray(self.ms, dtype=np.float64)
+        return np.minimum.accumulate(a[::-1])[::-1]
+
+    @cached_property
+    def envelope(self) -> np.ndarray:
+        """Measured latencies made non-decreasing and flat within each level (the level's median)."""
+        env = self.envelope_raw.copy()
+        lv = np.asarray(self.levels)
+        for level in set(self.levels):
+            env[lv == level] = float(np.median(env[lv == level]))
+        return np.maximum.accumulate(env)
+
+    @cached_property
+    def _dense(self) -> np.ndarray:
+        """Predicted ms for every count 0..size (index = count); 0 channels extrapolates the first step."""
+        ks = np.arange(self.size + 1, dtype=np.float64)
+        return np.interp(ks, np.asarray(self.counts, dtype=np.float64), self.envelope)
+
+    def at(self, k: int) -> float:
+        """Predicted latency with k channels kept (clamped to 0..size)."""
+        return float(self._dense[max(0, min(int(k), self.size))])
+
+    def staircase_counts(self) -> list[int]:
+        """For each latency level, the largest count at that level (ascending)."""
+        lv = self.levels
+        return [c for i, c in enumerate(self.counts) if i + 1 == len(lv) or lv[i + 1] != lv[i]]
+
+    def round_up(self, k: int) -> int:
+        """The largest count whose predicted latency is no more than that of k."""
+        k = max(0, min(int(k), self.size))
+        limit = self._dense[k] * (1 + 1e-9) + 1e-12
+        above = np.nonzero(self._dense[k:] <= limit)[0]
+        return int(k + above[-1]) if above.size else k
+
+
+class LatencyModel(BaseModel):
+    """A model's latency table on one backend: blocks by group name, and the full-width total."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = TABLE_FORMAT
+    backend: str
+    precision: str = "fp32"
+    batch: int = Field(1, ge=1)
+    threads: int | None = None
+    machine: dict = Field(default_factory=dict, description="the machine key the table was measured on")
+    full_ms: float = Field(gt=0, description="the whole unpruned model, measured")
+    blocks: dict[str, BlockLatency] = Field(default_factory=dict)
+    build_seconds: float = 0.0
+    cached_blocks: int = Field(0, ge=0, description="blocks read from the cache instead of measured")
+
+    def block_delta(self, name: str, k: int) -> float:
+        """ms the model gains (negative: saves) with k channels kept in group `name`."""
+        b = self.blocks[name]
+        return b.at(k) - b.at(b.size)
+
+    def predict(self, counts: dict[str, int]) -> float:
+        """Predicted latency in ms with counts[name] channels kept; groups not named stay whole."""
+        unknown = [n for n in counts if n not in self.blocks]
+        if unknown:
+            raise KeyError(f"latency table has no block for group {unknown[0]!r}")
+        return self.full_ms + sum(self.block_delta(n, k) for n, k in counts.items())
+
+    def staircase_counts(self, name: str) -> list[int]:
+        """Candidate counts of group `name`: the largest count at each latency level."""
+        return self.blocks[name].staircase_counts()
+
+    def round_up(self, name: str, k: int) -> int:
+        """The largest count of group `name` at no more predicted latency than k."""
+        return self.blocks[name].round_up(k)
+
+    def missing(self, names: list[str]) -> list[str]:
+        """Which of `names` the table has no block for."""
+        return [n for n in names if n not in self.blocks]

@@ -1,0 +1,286 @@
+"""Latency targets: tables as data (interpolation, staircases), the builder on real ONNX Runtime
+(cache hit, miss, another machine), pruning to a latency target, closing the loop, bad input.
+
+Timings on a busy machine are noise; no test bounds an absolute time or a measured ratio."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from export.latency import LatencySettings
+from export.latency_table import (
+    GridSettings,
+    LatencyTableError,
+    block_shapes,
+    build_latency_table,
+    check_target,
+    machine_key,
+    measure_block,
+)
+from export.latency_target import prune_to_latency
+from pfp.config import LatencyTargetConfig, PruneConfig
+from pfp.latency_model import BlockLatency, LatencyModel
+from pfp.prune import PruneError, prune
+
+pytest.importorskip("onnxruntime")
+
+FAST = LatencySettings(warmup=1, warmup_s=0.0, min_iters=3, max_iters=20, min_time_s=0.0, max_time_s=0.05)
+GRID = GridSettings(dense_upto=4, coarse_points=4, max_points=6)  # few exports: the tests stay quick
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _x(n: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+def _calib():
+    x = _x(64)
+    return [(x, torch.zeros(len(x), dtype=torch.long))]
+
+
+def _staircase_table(model: nn.Module, step: int = 4, per_step_ms: float = 1.0, rest_ms: float = 2.0) -> LatencyModel:
+    """A synthetic table: each block costs per_step_ms for every started `step` channels."""
+    blocks = {}
+    for name, shape in block_shapes(model, _x()).items():
+        counts = list(range(1, shape.size + 1))
+        blocks[name] = BlockLatency(size=shape.size, counts=counts, ms=[per_step_ms * math.ceil(k / step) for k in counts])
+    full = rest_ms + sum(b.ms[-1] for b in blocks.values())
+    return LatencyModel(backend="ort-cpu", full_ms=full, blocks=blocks)
+
+
+# ----------------------------------------------------------------------------- tables as data
+
+def test_interpolation_and_staircases_on_a_synthetic_table():
+    # levels: 1-2 at ~1 ms (2% noise stays inside a level), 4-6 at 2 ms, 8 at 3 ms; 3 and 7 are not measured
+    b = BlockLatency(size=8, counts=[1, 2, 4, 6, 8], ms=[1.0, 1.02, 2.0, 2.02, 3.0], step_tol=0.03)
+    assert b.levels == [0, 0, 1, 1, 2]
+    assert b.staircase_counts() == [2, 6, 8]
+    assert b.at(1) == b.at(2)                     # flat within a level
+    assert b.at(2) < b.at(3) < b.at(4)            # interpolated across a step
+    assert b.at(4) == b.at(6) < b.at(7) < b.at(8)
+    assert [b.round_up(k) for k in (1, 2, 3, 4, 5, 6, 7, 8)] == [2, 2, 3, 6, 6, 6, 7, 8]
+
+
+def test_envelope_ignores_a_count_slower_than_a_larger_one():
+    b = BlockLatency(size=4, counts=[1, 2, 3, 4], ms=[1.0, 5.0, 2.0, 2.0])
+    assert b.at(2) <= b.at(3)  # 2 channels can run as 3: never predicted slower
+    assert b.staircase_counts() == [1, 4]
+
+
+def test_table_prediction_is_full_latency_plus_block_deltas():
+    b = BlockLatency(size=4, counts=[1, 2, 3, 4], ms=[1.0, 1.0, 3.0, 3.0])
+    t = LatencyModel(backend="ort-cpu", full_ms=10.0, blocks={"a": b, "b": b})
+    assert t.predict({"a": 4, "b": 4}) == pytest.approx(10.0)
+    assert t.predict({"a": 2}) == pytest.approx(8.0)
+    assert t.predict({"a": 2, "b": 1}) == pytest.approx(6.0)
+    with pytest.raises(KeyError, match="'c'"):
+        t.predict({"c": 1})
+    assert LatencyModel.model_validate_json(t.model_dump_json()).predict({"a": 2}) == pytest.approx(8.0)
+
+
+def test_block_table_rejects_inconsistent_rows():
+    with pytest.raises(ValueError, match="full size"):
+        BlockLatency(size=8, counts=[1, 4], ms=[1.0, 2.0])
+    with pytest.raises(ValueError, match="increasing"):
+        BlockLatency(size=4, counts=[2, 1, 4], ms=[1.0, 1.0, 2.0])
+
+
+def test_wide_blocks_refine_between_counts_across_a_step_within_the_budget():
+    calls = []
+
+    def time_at(k: int) -> float:
+        calls.append(k)
+        return 1.0 if k <= 37 else 2.0  # one step, between 37 and 38
+
+    shape = block_shapes(TinyNet(), _x())["conv1"].model_copy(update={"size": 100})
+    b = measure_block(shape, time_at, GridSettings(dense_upto=8, coarse_points=5, max_points=20))
+    assert len(calls) == len(set(calls)) <= 20
+    assert 37 in b.counts and 38 in b.counts  # the step is located to the channel
+    assert b.staircase_counts() == [37, 100]
+
+
+# ----------------------------------------------------------------------------- the builder
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("latency_cache")
+    spec = LatencyTargetConfig(backend="ort-cpu", batch=2, threads=1)
+    table = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=cache, grid=GRID,
+                                block_settings=FAST, model_settings=FAST)
+    return table, cache, spec
+
+
+def test_table_build_on_a_small_conv_net(built):
+    table, cache, _ = built
+    assert set(table.blocks) == {"conv1", "conv2"}
+    for name, size in (("conv1", 8), ("conv2", 12)):
+        counts = table.blocks[name].counts
+        assert counts[0] == 1 and counts[-1] == size and 4 <= len(counts) <= GRID.max_points
+    assert table.full_ms > 0 and all(v > 0 for b in table.blocks.values() for v in b.ms)
+    assert table.cached_blocks == 0 and table.build_seconds > 0
+    files = sorted(cache.glob("*.json"))
+    assert len(files) == 2
+    d = json.loads(files[0].read_text())
+    assert d["machine"] == machine_key() and d["key"]["backend"] == "ort-cpu" and d["key"]["batch"] == 2
+
+
+def test_cache_hit_miss_and_another_machine(built, caplog):
+    table, cache, spec = built
+    again = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=cache, grid=GRID,
+                                block_settings=FAST, model_settings=FAST)
+    assert again.cached_blocks == 2 and again.blocks == table.blocks  # a hit: read, not re-measured
+
+    other_batch = build_latency_table(TinyNet().eval(), _x(), spec.model_copy(update={"batch": 1}), cache_dir=cache,
+                                      grid=GRID, block_settings=FAST, model_settings=FAST)
+    assert other_batch.cached_blocks == 0  # a miss: another batch is another table
+
+    other = _describe_other()
+    with caplog.at_level(logging.INFO, logger="export.latency_table"):
+        elsewhere = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=cache, grid=GRID,
+                                        block_settings=FAST, model_settings=FAST, machine=other)
+    assert elsewhere.cached_blocks == 0
+    why = [r.getMessage() for r in caplog.records if "another machine" in r.getMessage()]
+    assert why and "Other CPU" in why[0] and "not used" in why[0]
+
+
+def _describe_other() -> dict:
+    from export.machine import describe_machine
+
+    desc = describe_machine()
+    return {**desc, "cpu": {**(desc.get("cpu") or {}), "model": "Other CPU"}}
+
+
+def test_a_copied_cache_file_from_another_machine_is_not_used(built, tmp_path, caplog):
+    table, cache, spec = built
+    for f in cache.glob("*.json"):  # a file whose name matches this machine, content from another
+        d = json.loads(f.read_text())
+        if d["machine"] == machine_key():
+            d["machine"] = {**d["machine"], "cpu": "Other CPU"}
+            (tmp_path / f.name).write_text(json.dumps(d))
+    with caplog.at_level(logging.INFO, logger="export.latency_table"):
+        t = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=tmp_path, grid=GRID,
+                                block_settings=FAST, model_settings=FAST)
+    assert t.cached_blocks == 0
+    assert any("another machine" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- pruning on a table
+
+def test_prune_with_target_latency_reaches_the_predicted_target_on_staircases():
+    model = TinyNet().eval()
+    table = _staircase_table(model, step=4)
+    cfg = PruneConfig(method="pfp", target="latency", calib_size=64, round_to=8)
+    pruned, report, _ = prune(model, _calib(), cfg, 0.6, example_input=_x(), latency_model=table)
+    assert report.target == "latency" and report.reference_latency_ms == pytest.approx(table.full_ms)
+    assert report.latency_ms <= 0.6 * table.full_ms * (1 + 1e-9)
+    assert report.latency_ms < table.full_ms
+    kept = {row["name"]: row["kept"] for row in report.layers}
+    # every count is the largest of its latency level (a multiple of 4 or the full width), not a multiple of 8
+    for name, k in kept.items():
+        assert table.round_up(name, k) == k
+        assert k % 4 == 0 or k == table.blocks[name].size
+    assert report.latency_ms == pytest.approx(table.predict(kept))
+    assert pruned.conv1.out_channels == kept["conv1"] and pruned.conv2.out_channels == kept["conv2"]
+    assert report.to_dict()["budget_error"] <= 1e-9
+
+
+def test_prune_with_a_measured_table(built):
+    table, _, _ = built
+    cfg = PruneConfig(method="tp_magnitude", target="latency", calib_size=64)
+    _, report, _ = prune(TinyNet().eval(), _calib(), cfg, 0.8, example_input=_x(), latency_model=table)
+    assert report.latency_ms <= 0.8 * table.full_ms * (1 + 1e-9)
+
+
+def test_target_latency_without_a_table_is_one_line():
+    cfg = PruneConfig(target="latency", calib_size=64)
+    with pytest.raises(PruneError, match="latency table") as e:
+        prune(TinyNet().eval(), _calib(), cfg, 0.5, example_input=_x())
+    assert "\n" not in str(e.value)
+
+
+def test_target_below_the_floor_names_the_floor():
+    model = TinyNet().eval()
+    table = _staircase_table(model, rest_ms=5.0)
+    cfg = PruneConfig(target="latency", calib_size=64)
+    with pytest.raises(PruneError, match="below the smallest reachable") as e:
+        prune(model, _calib(), cfg, 0.05, example_input=_x(), latency_model=table)
+    msg = str(e.value)
+    assert "\n" not in msg and "floor" in msg and " ms" in msg
+
+
+def test_a_table_of_another_model_is_one_line():
+    model = TinyNet().eval()
+    table = _staircase_table(model)
+    table = table.model_copy(update={"blocks": {"conv1": table.blocks["conv1"]}})
+    with pytest.raises(PruneError, match="no block for group 'conv2'"):
+        prune(model, _calib(), PruneConfig(target="latency", calib_size=64), 0.5, example_input=_x(),
+              latency_model=table)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("backend", ["ort-cuda", "tensorrt", "torch-cuda"])
+def test_a_backend_not_installed_is_one_line_naming_it(backend):
+    from export.backends import get_backend
+
+    if get_backend(backend).unavailable_reason() is None:
+        pytest.skip(f"{backend} runs here")
+    with pytest.raises(LatencyTableError) as e:
+        check_target(LatencyTargetConfig(backend=backend))
+    assert backend in str(e.value) and "\n" not in str(e.value) and "not installed" in str(e.value)
+
+
+def test_an_unknown_backend_and_a_batch_the_backend_cannot_run_are_one_line():
+    with pytest.raises(LatencyTableError, match="prune.latency.backend.*'ort-gpu'"):
+        check_target(LatencyTargetConfig(backend="ort-gpu"))
+    with pytest.raises(LatencyTableError, match="batch 5000") as e:
+        build_latency_table(TinyNet().eval(), _x(), LatencyTargetConfig(batch=5000))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="batch"):
+        PruneConfig(target="latency", latency={"batch": 0})
+
+
+# ----------------------------------------------------------------------------- closing the loop
+
+def test_prune_to_latency_measures_and_corrects(built):
+    table, _, spec = built
+    cfg = PruneConfig(method="pfp", target="latency", calib_size=64,
+                      latency=spec.model_copy(update={"tries": 3, "tolerance": 0.05}))
+    pruned, prep, report = prune_to_latency(TinyNet().eval(), _calib(), cfg, 0.7, example_input=_x(), table=table,
+                                            settings=FAST, rounds=2)
+    assert 1 <= len(report.tries) <= 3
+    first = report.tries[0]
+    assert first.keep_ratio == 0.7 and first.measured_ratio > 0 and first.unpruned_ms > 0
+    for a, b in zip(report.tries, report.tries[1:]):  # each retry corrects by the measured factor
+        assert b.keep_ratio == pytest.approx(a.keep_ratio * 0.7 / a.measured_ratio)
+    assert report.met == (abs(report.tries[report.best_try].measured_ratio / 0.7 - 1) <= 0.05)
+    assert report.best_ratio == report.tries[report.best_try].measured_ratio
+    assert "\n" not in report.message and ("met on ort-cpu" in report.message or "best measured" in report.message)
+    assert report.met or len(report.tries) == 3 or "cannot" in report.message or "no pruning" in report.message
+    assert prep.latency_ms == pytest.approx(report.tries[report.best_try].predicted_ratio * table.full_ms)
+    assert isinstance(pruned, nn.Module)
+
+
+def test_prune_to_latency_needs_target_latency():
+    with pytest.raises(LatencyTableError, match="prune.target"):
+        prune_to_latency(TinyNet().eval(), _calib(), PruneConfig(), 0.5, example_input=_x())
