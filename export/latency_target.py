@@ -92,7 +92,8 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
                      example_input: torch.Tensor, table: LatencyModel | None = None,
                      postprocess_loader=None, holdout_loader=None, device: str = "cpu", seed: int = 0,
                      settings: LatencySettings | None = None, rounds: int = 3, cache_dir: str | Path | None = None,
-                     progress: Callable[[str], None] | None = None,
+                     progress: Callable[[str], None] | None = None, reference_model: nn.Module | None = None,
+                     reference: tuple[int, int] | None = None, divergence=None,
                      ) -> tuple[nn.Module, PruneReport, LatencyTargetReport]:
     """Prune a copy of `model` to keep_ratio of its latency on cfg.latency's backend, measured.
 
@@ -106,8 +107,11 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
     spec = cfg.latency
     backend = check_target(spec)
     settings = settings or SIDE_BY_SIDE.model_copy(update={"threads": spec.threads})
+    # A cascade prunes an already pruned model; the table and the timing stay those of the
+    # unpruned network (reference_model), so keep_ratio is of its latency.
+    reference_model = model if reference_model is None else reference_model
     if table is None:
-        table = build_latency_table(model, example_input, spec, ignore_layers=cfg.ignore_layers,
+        table = build_latency_table(reference_model, example_input, spec, ignore_layers=cfg.ignore_layers,
                                     cache_dir=cache_dir, progress=progress)
     report = LatencyTargetReport(backend=spec.backend, batch=spec.batch, precision=spec.precision,
                                  threads=spec.threads, target=keep_ratio, tolerance=spec.tolerance,
@@ -118,13 +122,14 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
     asked = keep_ratio
     with tempfile.TemporaryDirectory(prefix="pfp-latency-target-") as tmp:
         workdir = Path(tmp)
-        unpruned = load_runner(backend, copy.deepcopy(model).cpu(), input_shape, spec, workdir, "unpruned")
+        unpruned = load_runner(backend, copy.deepcopy(reference_model).cpu(), input_shape, spec, workdir, "unpruned")
         try:
             for i in range(spec.tries):
                 try:
                     pruned, prep, _ = prune(model, calib_loader, cfg, asked, example_input=example_input,
                                             postprocess_loader=postprocess_loader, holdout_loader=holdout_loader,
-                                            device=device, seed=seed, latency_model=table)
+                                            device=device, seed=seed, latency_model=table, reference=reference,
+                                            divergence=divergence)
                 except PruneError as e:
                     if i == 0:
                         raise
@@ -168,3 +173,14 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
                           f"measured ratio {b.measured_ratio:.3g} after {len(report.tries)} tries{stop}")
     log.info(report.message)
     return best[0], best[1], report
+
+
+def prune_round(setup, model: nn.Module, cfg: PruneConfig, keep_ratio: float, *, seed: int,
+                divergence=None) -> tuple[nn.Module, PruneReport, LatencyTargetReport]:
+    """A cascade round to a latency target (pfp.extensions' "latency_pruner"): `model` pruned
+    to keep_ratio of the unpruned base model's latency, measured on cfg.latency's backend."""
+    return prune_to_latency(model, setup.calib_loader, cfg, keep_ratio, example_input=setup.example_input,
+                            postprocess_loader=setup.postprocess_loader, holdout_loader=setup.holdout_loader,
+                            device=str(setup.device), seed=seed, reference_model=setup.model,
+                            reference=(setup.params, setup.flops), divergence=divergence,
+                            progress=lambda line: log.info(line))

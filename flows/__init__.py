@@ -28,3 +28,9 @@ for _name in PROJECT_LOGGERS:
         for _handler in logging.getLogger("prefect.extra").handlers:
             if _handler not in _logger.handlers:
                 _logger.addHandler(_handler)
+
+# Pruning to a latency target is measured on a backend, which the export package does; pfp
+# looks it up by this name (pfp.extensions), so pfp itself never imports export.
+from pfp.extensions import LATENCY_PRUNER, register  # noqa: E402
+
+register(LATENCY_PRUNER, "export.latency_target:prune_round")

@@ -146,6 +146,12 @@ def _round_task_name() -> str:
     return f"round {i + 1}: {cfg.prune.method} keep {cfg.prune.keep_ratios[i]:.0%} of {cfg.prune.target}"
 
 
+def _log_bundle_task_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"log bundle {Path(task_run.parameters['bundle'].bundle).name}"
+
+
 def _export_task_name() -> str:
     from prefect.runtime import task_run
 
@@ -182,7 +188,7 @@ def benchmark_task(cfg: PipelineConfig, backend: str, bundles: dict[str, str], b
     return result
 
 
-@task(name="gate", cache_policy=NO_CACHE)
+@task(name="gate", task_run_name=_task_name("gate"), cache_policy=NO_CACHE)
 def gate_task(gate: GateConfig, base_acc: float, acc: float, latency: dict[str, list[dict]],
               baseline: dict[str, list[dict]], errors: dict[str, str]) -> GateDecision:
     return evaluate_gate(gate, base_acc=base_acc, acc=acc, latency=latency, baseline_latency=baseline, errors=errors)
@@ -328,8 +334,8 @@ def log_round_task(run_id: str, row: RoundResult, plots: Path, original: dict[st
                                                       title=f"round {row.round}: channels kept per layer")))
 
 
-@task(name="log-bundle", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=_retry_transient)
+@task(name="log-bundle", task_run_name=_log_bundle_task_name, cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_transient)
 def log_bundle_task(run_id: str, bundle: BundleInfo) -> None:
     from mlflow import MlflowClient
 
@@ -354,7 +360,7 @@ def log_latency_task(run_id: str, bench: BenchmarkResult, label: str) -> None:
     log_metrics_at(latency_metrics(latency_points(bench, label)), run_id=run_id)
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+@task(name="register", task_run_name=_task_name("register {model_name}"), cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=_retry_transient)
 def register_task(model_name: str, run_id: str, bundle: BundleInfo, row: RoundResult, config_hash: str) -> str:
     """Log the chosen bundle to the parent run and register it as `candidate`; its version."""
@@ -370,7 +376,7 @@ def register_task(model_name: str, run_id: str, bundle: BundleInfo, row: RoundRe
     return str(version.version)
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+@task(name="promote", task_run_name=_task_name("promote {model_name} v{version}"), cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=_retry_transient)
 def promote_task(model_name: str, version: str, decision: GateDecision) -> bool:
     from flows.registry import promote
@@ -598,7 +604,8 @@ def _params_in_use(cfg: PipelineConfig) -> dict[str, str]:
 def _run_link(uri: str, experiment_id: str, run_id: str) -> str:
     """A link to the run in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    # workflowType: MLflow 3 shows its GenAI view otherwise, where rounds and models do not appear
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _tell_the_story(cfg: PipelineConfig, result: CompressResult, run_ids: dict[int, str], experiment_id: str,

@@ -64,8 +64,19 @@ def latency_metrics(points: list[LatencyPoint]) -> dict[str, float | None]:
 def round_params(prune: dict, keep_ratio: float) -> dict[str, str]:
     """What rounds are compared by: the method, the keep ratio, the target and the
     post-processing switches. `prune` is the config's prune section as a mapping."""
+    from pfp.methods import get_method
+
     keys = ("method", "target", "allocation", "bn_recalibration", "reconstruct")
-    params = {f"prune.{k}": str(prune.get(k)) for k in keys if k in prune}
+    resolved = dict(prune)
+    try:  # None means the method's own default: show which
+        method = get_method(prune["method"])
+        if resolved.get("allocation") is None:
+            resolved["allocation"] = method.allocation
+        if resolved.get("reconstruct") is None:
+            resolved["reconstruct"] = method.reconstruct
+    except Exception:  # noqa: BLE001 - an unknown method was refused long before; show what was given
+        pass
+    params = {f"prune.{k}": str(resolved.get(k)) for k in keys if k in resolved}
     params["prune.keep_ratio"] = f"{keep_ratio:g}"
     return params
 

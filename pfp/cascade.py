@@ -86,7 +86,10 @@ def choose(base_score: float, rows: Sequence[RoundResult], tolerance: float, tar
           if r.ok and _score(r) is not None and sign * (_score(r) - base_score) >= -tolerance - 1e-9]  # type: ignore[operator]
     if not ok:
         return None
-    return min(ok, key=lambda i: (getattr(rows[i], target), -sign * _score(rows[i])))  # type: ignore[operator]
+    def size(r: RoundResult) -> float:  # latency: the measured share of the unpruned latency
+        return r.achieved_keep if target == "latency" else getattr(r, target)
+
+    return min(ok, key=lambda i: (size(rows[i]), -sign * _score(rows[i])))  # type: ignore[operator]
 
 
 def plot_cascade(result: CascadeResult, path: Path) -> Path | None:
@@ -123,9 +126,12 @@ def summary_table(result: CascadeResult) -> Table:
         if not r.ok:
             t.add_row(f"{i + 1}", f"{r.keep_ratio:.0%}", "", "", "", Text("failed", style="red"), "", "")
             continue
+        keep = f"{r.keep_ratio:.0%}"
+        if r.latency_measured_ratio is not None:  # latency: asked, and measured on the backend
+            keep += f" (measured {r.latency_measured_ratio:.0%}{'' if r.latency_met else ', missed'})"
         t.add_row(
             f"{i + 1}{mark}",
-            f"{r.keep_ratio:.0%}",
+            keep,
             f"{format_count(r.params)} (-{r.params_removed_pct:.1f}%)",
             f"{format_count(r.flops)} (-{r.flops_removed_pct:.1f}%)",
             fmt(r.score_before_retrain if r.score_before_retrain is not None else r.acc_before_retrain),

@@ -98,6 +98,10 @@ class RoundResult(_Result):
     postprocess: str | None = None
     reused: bool = False  # found finished on disk, not recomputed
     history: list[EpochPoint] = []  # the retraining curve
+    # prune.target latency: the one-shot model's p50 over the unpruned one's, timed side by side
+    latency_measured_ratio: float | None = None
+    latency_met: bool | None = None
+    latency_message: str | None = None
     error: str | None = None
 
     @property

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pfp.config import ConfigError, PruneConfig, RunConfig, TrainConfig
+from pfp.extensions import LATENCY_PRUNER, lookup
 from pfp.files import stable_hash
 from pfp.models import build_model
 from pfp.prune import prune
@@ -139,11 +140,19 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
              format_count(target_value))
     seed_everything(spec.seed)
     start = time.perf_counter()
-    pruned, report, soft = prune(
-        model, setup.calib_loader, pc, keep_ratio, example_input=setup.example_input,
-        reference=(setup.params, setup.flops), holdout_loader=setup.holdout_loader,
-        postprocess_loader=setup.postprocess_loader, device=device, seed=spec.seed, divergence=setup.task.divergence,
-    )  # fmt: skip
+    target_report = None
+    if pc.target == "latency":  # measured on the backend: the table and the timing come from export
+        pruner = lookup(LATENCY_PRUNER, "prune.target latency")
+        pruned, report, target_report = pruner(setup, model, pc, keep_ratio, seed=spec.seed,
+                                               divergence=setup.task.divergence)
+        soft = None
+    else:
+        pruned, report, soft = prune(
+            model, setup.calib_loader, pc, keep_ratio, example_input=setup.example_input,
+            reference=(setup.params, setup.flops), holdout_loader=setup.holdout_loader,
+            postprocess_loader=setup.postprocess_loader, device=device, seed=spec.seed,
+            divergence=setup.task.divergence,
+        )  # fmt: skip
     prune_seconds = time.perf_counter() - start
     pruned.to(device)
     rcfg: TrainConfig = cfg.retrain  # type: ignore[assignment]  # RunConfig fills it from train
@@ -189,7 +198,8 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
     report_dict = report.to_dict()
     result = RoundResult(
         method=pc.method, target=pc.target, keep_ratio=keep_ratio, round=spec.round,
-        achieved_keep=(flops / setup.flops) if pc.target == "flops" else (params / setup.params),
+        achieved_keep=(target_report.best_ratio if target_report is not None else
+                       (flops / setup.flops) if pc.target == "flops" else (params / setup.params)),
         params=params, flops=flops, params_removed_pct=_pct_removed(params, setup.params),
         flops_removed_pct=_pct_removed(flops, setup.flops), **acc, metric=task.metric,
         score_before_retrain=score_before, score=score, score_change=task.change(score, setup.score), metrics=after,
@@ -197,6 +207,9 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
         retrain_seconds=retrain_seconds, seconds=prune_seconds + retrain_seconds, model_path=str(model_path),
         report_path=str(report_path), history=[EpochPoint(**dataclasses.asdict(e)) for e in trained.history],
         **_measured(report_dict),
+        **({} if target_report is None else {
+            "latency_measured_ratio": target_report.best_ratio, "latency_met": target_report.met,
+            "latency_message": target_report.message}),
     )  # fmt: skip
     report.save_json(report_path)
     # The model file is written last: with its step key it marks the round finished.
