@@ -39,5 +39,8 @@ def test_metric_names_carry_units_and_rounded_values():
     lat = latency_metrics([LatencyPoint(target="ort-cpu", batch=32, p50_ms=1.23456, speedup=1.98765)])
     assert lat == {"latency_p50_ms.ort-cpu.b32": 1.235, "latency_p99_ms.ort-cpu.b32": None,
                    "throughput_per_s.ort-cpu.b32": None, "speedup.ort-cpu.b32": 1.988}
-    assert round_params({"method": "pfp", "target": "flops", "bn_recalibration": True}, 0.5) == {
-        "prune.method": "pfp", "prune.target": "flops", "prune.bn_recalibration": "True", "prune.keep_ratio": "0.5"}
+    # None means the method's default: the param shows which (pfp: search allocation, reconstruction)
+    assert round_params({"method": "pfp", "target": "flops", "bn_recalibration": True, "allocation": None,
+                         "reconstruct": None}, 0.5) == {
+        "prune.method": "pfp", "prune.target": "flops", "prune.bn_recalibration": "True", "prune.keep_ratio": "0.5",
+        "prune.allocation": "search", "prune.reconstruct": "True"}
