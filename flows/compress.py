@@ -533,6 +533,12 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
         errors |= edge_errors
         gate = gate.model_copy(update={"latency": [*gate.latency, *extra_checks]})
     decision = gate_task(gate, base.acc, row.acc, latency, baseline, errors)
+    again = _remeasure_inconclusive(cfg, decision, label, bundles)
+    if again:  # a check that did not converge is timed again, longer, before the gate decides
+        for name, bench in again.items():
+            latency[name] += [r.model_dump() for r in bench.rows_for(label)]
+            baseline[name] += [r.model_dump() for r in bench.rows_for(BASELINE)]
+        decision = gate_task(gate, base.acc, row.acc, latency, baseline, errors)
     promoted = promote_task(cfg.model_name, number, decision)
     markdown = f"# {cfg.model_name} v{number}: {'promoted to champion' if promoted else 'not promoted'}\n\n"
     markdown += decision.to_markdown()
@@ -541,6 +547,27 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
     logger.info(f"registered {cfg.model_name} v{number} as candidate; "
                 + ("promoted to champion" if promoted else "NOT promoted: " + decision.summary()))
     return {"decision": decision.to_dict(), "version": number, "promoted": promoted}
+
+
+def _remeasure_inconclusive(cfg: PipelineConfig, decision: GateDecision, label: str,
+                            bundles: dict[str, BundleInfo]) -> dict[str, BenchmarkResult]:
+    """Re-time, with a longer budget (export.latency.longer_settings), the backends and batch
+    sizes of the checks that were inconclusive because their measurement did not converge.
+    Backends on other workers (a deployment) and edge devices are not re-timed from here."""
+    from export.latency import longer_settings
+
+    out = {}
+    for name, batches in decision.to_remeasure().items():
+        backend = next((b for b in cfg.backends if b.name == name and not b.deployment), None)
+        if backend is None:
+            continue
+        longer = longer_settings(steps.bench_settings(backend))
+        get_run_logger().info(f"{name}: batch {batches} did not converge; timing again for up to {longer.max_time_s:g} s")
+        bench = steps.benchmark(cfg, backend, {label: bundles[label].bundle, BASELINE: bundles[BASELINE].bundle},
+                                BASELINE, settings=longer, batch_sizes=batches, attempt=2)
+        if not bench.error:
+            out[name] = bench
+    return out
 
 
 def _edge_gate_bench(cfg: PipelineConfig, devices: list, version: str,
