@@ -31,6 +31,7 @@ for _name in PROJECT_LOGGERS:
 
 # Pruning to a latency target is measured on a backend, which the export package does; pfp
 # looks it up by this name (pfp.extensions), so pfp itself never imports export.
-from pfp.extensions import LATENCY_PRUNER, register  # noqa: E402
+from pfp.extensions import LATENCY_PRUNE_MODEL, LATENCY_PRUNER, register  # noqa: E402
 
 register(LATENCY_PRUNER, "export.latency_target:prune_round")
+register(LATENCY_PRUNE_MODEL, "export.latency_target:prune_to_latency")

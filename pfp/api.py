@@ -43,9 +43,18 @@ def prune(
     from .prune import prune as _prune_impl  # the module of the same name, see pfp/__init__.py
 
     cfg = PruneConfig(method=method, target=target, **options)
+    divergence = task.divergence if task is not None else None
+    if cfg.target == "latency":  # measured on a backend: the export package does it (see pfp.extensions)
+        from .extensions import LATENCY_PRUNE_MODEL, lookup
+
+        fn = lookup(LATENCY_PRUNE_MODEL, "target='latency'")
+        small, report, _ = fn(model, calib_loader, cfg, keep, example_input=example_input,
+                              postprocess_loader=postprocess_loader, device=str(device), seed=seed,
+                              divergence=divergence)
+        return small, report
     small, report, _soft = _prune_impl(model, calib_loader, cfg, keep, example_input=example_input,
                                        postprocess_loader=postprocess_loader, device=device, seed=seed,
-                                       divergence=task.divergence if task is not None else None)
+                                       divergence=divergence)
     return small, report
 
 

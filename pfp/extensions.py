@@ -15,6 +15,7 @@ from .imports import resolve
 _REGISTRY: dict[str, str] = {}
 
 LATENCY_PRUNER = "latency_pruner"  # (setup, model, cfg, keep_ratio, *, seed, divergence) -> (model, report, target report)
+LATENCY_PRUNE_MODEL = "latency_prune_model"  # export.latency_target.prune_to_latency's signature
 
 
 def register(point: str, path: str) -> None:
