@@ -51,7 +51,7 @@ from pfp.files import sha256_file
 from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
 from pfp.results import BaseInfo, RoundResult
 from flows.run_story import (
-    LatencyPoint, base_metrics, latency_metrics, round_metrics, round_params, summary_markdown,
+    LatencyPoint, gate_value, score, score_change, base_metrics, latency_metrics, round_metrics, round_params, summary_markdown,
 )
 
 BASELINE = "unpruned"
@@ -370,7 +370,7 @@ def register_task(model_name: str, run_id: str, bundle: BundleInfo, row: RoundRe
 
     mlflow.MlflowClient().log_artifacts(run_id, bundle.bundle, "bundle")
     version = register_candidate(model_name, run_id, "bundle", {
-        "onnx_sha256": bundle.onnx_sha256, "flops": str(row.flops), "acc": f"{row.acc:.4f}",
+        "onnx_sha256": bundle.onnx_sha256, "flops": str(row.flops), row.metric or "acc": f"{score(row):.4f}",
         "round": str(row.round), "config_hash": config_hash,
     })
     return str(version.version)
@@ -461,7 +461,8 @@ def _prune_rounds(cfg: PipelineConfig, parent_id: str, tags: dict, run_dir: Path
                 original = {layer["name"]: layer["size"] for layer in json.loads(Path(row.report_path).read_text())["layers"]}
             log_round_task(run.info.run_id, row, plots, original if row.round > 1 else None)
             run_ids[row.round] = run.info.run_id
-        logger.info(f"round {i + 1}: keep {ratio:.0%} -> test acc {row.acc:.2f}% ({row.acc_change:+.2f}), "
+        logger.info(f"round {i + 1}: keep {ratio:.0%} -> test {row.metric or 'acc'} {score(row):.4g} "
+                    f"({score_change(row):+.4g}, positive is better), "
                     f"FLOPs -{row.flops_removed_pct:.1f}%")
         parent_model = row.model_path
     return rows, run_ids
@@ -511,7 +512,7 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
 
     logger = get_run_logger()
     if chosen is None:
-        msg = (f"no pruned model stays within {cfg.prune.tolerance:g} points of the unpruned {base.acc:.2f}%; "
+        msg = (f"no pruned model stays within {cfg.prune.tolerance:g} of the unpruned {base.metric} {score(base):.4g}; "
                "nothing registered")
         logger.warning(msg)
         MlflowClient().set_tag(parent_id, "pfp.outcome", msg)
@@ -532,13 +533,13 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
         latency |= edge_latency
         errors |= edge_errors
         gate = gate.model_copy(update={"latency": [*gate.latency, *extra_checks]})
-    decision = gate_task(gate, base.acc, row.acc, latency, baseline, errors)
+    decision = gate_task(gate, gate_value(base), gate_value(row, base), latency, baseline, errors)
     again = _remeasure_inconclusive(cfg, decision, label, bundles)
     if again:  # a check that did not converge is timed again, longer, before the gate decides
         for name, bench in again.items():
             latency[name] += [r.model_dump() for r in bench.rows_for(label)]
             baseline[name] += [r.model_dump() for r in bench.rows_for(BASELINE)]
-        decision = gate_task(gate, base.acc, row.acc, latency, baseline, errors)
+        decision = gate_task(gate, gate_value(base), gate_value(row, base), latency, baseline, errors)
     promoted = promote_task(cfg.model_name, number, decision)
     markdown = f"# {cfg.model_name} v{number}: {'promoted to champion' if promoted else 'not promoted'}\n\n"
     markdown += decision.to_markdown()
@@ -664,14 +665,15 @@ def _tell_the_story(cfg: PipelineConfig, result: CompressResult, run_ids: dict[i
         client.set_tag(run_ids[chosen.round], "pfp.chosen", "true")
     if result.version is not None:
         client.update_model_version(cfg.model_name, result.version, description=md)
-    table = [{"round": 0, "keep": "100%", "acc %": round(result.base.acc, 2), "FLOPs removed %": 0.0,
+    m = result.base.metric
+    table = [{"round": 0, "keep": "100%", m: round(score(result.base), 4), "FLOPs removed %": 0.0,
               **{f"speed-up {p.target} b{p.batch}": 1.0 for p in latency[0]},
               "MLflow run": _run_link(uri, experiment_id, run_ids[0])}]
     for r in result.rounds:
         if not r.ok:
-            table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", "acc %": None, "error": r.error})
+            table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", m: None, "error": r.error})
             continue
-        table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", "acc %": round(r.acc, 2),
+        table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", m: round(score(r), 4),
                       "FLOPs removed %": round(r.flops_removed_pct, 1),
                       **{f"speed-up {p.target} b{p.batch}": p.speedup and round(p.speedup, 2)
                          for p in latency.get(r.round, [])},
@@ -753,12 +755,13 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
         for run_id in (parent_id, run_ids[0]):
             for k, v in tags.items():
                 client.set_tag(run_id, k, v)
-        logger.info(f"base model {base.base_path}: test acc {base.acc:.2f}%, |S| = {base.calib_size}")
+        logger.info(f"base model {base.base_path}: test {base.metric} {score(base):.4g}, |S| = {base.calib_size}")
 
         rows, round_runs = _prune_rounds(cfg, parent_id, tags, run_dir, plots, cached, work)
         run_ids |= round_runs
-        chosen = choose(base.acc, rows, cfg.prune.tolerance, cfg.prune.target)
-        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, base.acc, rows, cfg.prune.tolerance, chosen,
+        chosen = choose(score(base), rows, cfg.prune.tolerance, cfg.prune.target,
+                        higher_is_better=base.higher_is_better)
+        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, score(base), rows, cfg.prune.tolerance, chosen,
                                                        plots / "accuracy_vs_flops.png")), "plots")
         done = [r for r in rows if r.ok]
         bundles = _export_all(cfg, base, done, run_dir, run_ids, cached, work)

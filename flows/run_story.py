@@ -25,6 +25,23 @@ class LatencyPoint(BaseModel):
     converged: bool | None = None
 
 
+def score(x: BaseInfo | RoundResult) -> float:
+    """The task's metric (classification: accuracy in percent)."""
+    return x.score if x.score is not None else x.acc
+
+
+def score_change(r: RoundResult) -> float:
+    """How much better than the unpruned model (negative: worse), in the metric's direction."""
+    return r.score_change if r.score_change is not None else r.acc_change
+
+
+def gate_value(x: BaseInfo | RoundResult, base: BaseInfo | None = None) -> float:
+    """What the gate's `max_acc_drop` check compares: the metric, negated when lower is better,
+    so "drop" is always how much worse the candidate is, in the metric's units."""
+    higher = (base or x).higher_is_better
+    return score(x) if higher else -score(x)
+
+
 def _r(value: float | int | None, digits: int) -> float | None:
     return None if value is None else round(float(value), digits)
 
@@ -102,7 +119,8 @@ def summary_markdown(
     `latency` maps a round number (0: unpruned) to its latency points.
     """
     columns = sorted({(p.target, p.batch) for points in latency.values() for p in points})
-    head = ["round", "keep", "acc %", "Δacc", "FLOPs removed", "params removed"]
+    m = "acc %" if base.metric == "acc" else base.metric
+    head = ["round", "keep", m, f"Δ{m.split()[0]} (+ better)", "FLOPs removed", "params removed"]
     head += [f"{t} b{b} p50 ms (speed-up)" for t, b in columns]
     lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -114,7 +132,7 @@ def summary_markdown(
             cells.append("–" if p is None else f"{p.p50_ms:.3g}" + (f" ({p.speedup:.2f}x)" if p.speedup else ""))
         return cells
 
-    lines.append("| " + " | ".join(["0 (unpruned)", "100%", f"{base.acc:.2f}", "", "0%", "0%"] + lat_cells(0)) + " |")
+    lines.append("| " + " | ".join(["0 (unpruned)", "100%", f"{score(base):.4g}", "", "0%", "0%"] + lat_cells(0)) + " |")
     for i, r in enumerate(rounds):
         n = r.round or i + 1
         mark = f"**{n}** ✓" if chosen == i else str(n)
@@ -122,14 +140,14 @@ def summary_markdown(
             lines.append("| " + " | ".join([mark, f"{r.keep_ratio:.0%}", f"error: {r.error}"] + [""] * (len(head) - 3)) + " |")
             continue
         lines.append("| " + " | ".join([
-            mark, f"{r.keep_ratio:.0%}", _fmt(r.acc, ".2f"), _fmt(r.acc_change, "+.2f"),
+            mark, f"{r.keep_ratio:.0%}", _fmt(score(r), ".4g"), _fmt(score_change(r), "+.3g"),
             _fmt(r.flops_removed_pct, ".1f", "%"), _fmt(r.params_removed_pct, ".1f", "%")] + lat_cells(n)) + " |")
     lines.append("")
     if chosen is None:
-        lines.append(f"**No round** stayed within the tolerance of {tolerance:g} points; nothing was registered.")
+        lines.append(f"**No round** stayed within the tolerance of {tolerance:g}; nothing was registered.")
     else:
         lines.append(f"**Chosen: round {rounds[chosen].round or chosen + 1}**, the most pruned round within "
-                     f"{tolerance:g} points of the unpruned accuracy.")
+                     f"{tolerance:g} of the unpruned {base.metric}.")
     if decision is not None:
         lines += ["", f"**Gate: {decision.verdict}**" + (" – promoted to champion" if promoted else " – not promoted"),
                   "", "| check | verdict | value | limit | why |", "|---|---|---|---|---|"]

@@ -25,7 +25,7 @@ def test_summary_names_the_chosen_round_the_gate_and_the_version():
     decision = GateDecision(checks=[GateCheck(name="cpu.b32.p50_speedup", verdict="passed", value=2.0, limit=1.5,
                                               ci_low=1.8, ci_high=2.2)])
     md = summary_markdown("quickstart: lenet5", _base(), rounds, latency, 0, decision, "3", True, 1.0)
-    assert "| **1** ✓ | 50% | 90.90 | -0.33 | 50.0% | 25.0% | 1 (2.00x) |" in md
+    assert "| **1** ✓ | 50% | 90.9 | -0.334 | 50.0% | 25.0% | 1 (2.00x) |" in md
     assert "| 0 (unpruned) | 100% | 91.23 |" in md
     assert "error: ValueError: target below the floor" in md
     assert "**Gate: passed** – promoted to champion" in md
