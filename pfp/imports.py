@@ -3,7 +3,9 @@ data and tasks in a config, with one clear line when the path does not resolve."
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from typing import Any, Callable
 
 from .errors import CoreError
@@ -29,6 +31,10 @@ def resolve(path: str, what: str) -> Any:
     if not _PATH.match(path):
         raise ImportPathError(f"{what}: {path!r} is not an import path of the form 'package.module:attribute'")
     module_name, attr = path.split(":", 1)
+    # As `python -m` does: a config's import paths may name modules of the directory it runs in
+    # (a console script's sys.path starts at its own bin/ folder instead).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:

@@ -262,7 +262,9 @@ def test_crash_and_resume(tmp_path):
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id])
     status = {r.info.run_name: r.info.status for r in runs}
-    assert status == {"tiny": "FAILED", "round 1: keep 60%": "FINISHED"}, status  # nothing left RUNNING
+    # nothing left RUNNING: the parent and the round it was in are FAILED, finished rounds FINISHED
+    assert status == {"tiny: lenet5 pfp cascade": "FAILED", "round 0: unpruned": "FINISHED",
+                      "round 1: pfp keep 60%": "FINISHED", "round 2: pfp keep 40%": "FAILED"}, status
 
     from prefect.testing.utilities import prefect_test_harness
 
