@@ -700,7 +700,7 @@ def _flow_run_name() -> str:
     if cfg is not None:
         name, model = (cfg.name, cfg.model.name) if isinstance(cfg, PipelineConfig) else (
             cfg.get("name", "pipeline"), (cfg.get("model") or {}).get("name", "model"))
-        return f"{name}-{model}-{when}"
+        return f"{name}-{model.split(':')[-1]}-{when}"  # "pkg.nets:MyNet" -> MyNet
     path = p.get("config_path")
     return f"{Path(path).stem if path else 'quickstart'}-{when}"
 
