@@ -7,7 +7,6 @@ that was evaluated is not that model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -140,8 +139,3 @@ def require_parity(report: ParityReport, artifact: str | Path) -> ParityReport:
         f"{artifact}: {report.backend} {report.precision} output differs from PyTorch on "
         f"{report.samples} samples: {'; '.join(problems)}"
     )
-
-
-def save_reports(path: str | Path, reports: list[ParityReport]) -> None:
-    """Write the reports as JSON."""
-    Path(path).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
