@@ -6,7 +6,6 @@ hit hands them back validated), and so callers read attributes instead of string
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,43 +36,6 @@ class BundleInfo(_Result):
                    meta=meta, seconds=seconds)
 
 
-class LatencyRow(_Result):
-    """One (model, backend, precision, batch) timing: export.latency.LatencyResult as data."""
-
-    model: str | None = None
-    backend: str
-    device: str
-    precision: str
-    batch: int
-    iterations: int
-    warmup: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    std_ms: float
-    min_ms: float
-    max_ms: float
-    throughput_per_s: float
-    timer: str
-    threads: int | None = None
-    converged: bool
-    ci_rel: float | None = None
-    cores: list[int] | None = None
-    input_shape: list[int] | None = None
-    p50_ci_low_ms: float | None = None
-    p50_ci_high_ms: float | None = None
-    p99_ci_low_ms: float | None = None
-    p99_ci_high_ms: float | None = None
-    rel_ci_goal: float | None = None
-    max_time_s: float | None = None
-    attempt: int = 1
-
-    @classmethod
-    def from_result(cls, r: LatencyResult) -> "LatencyRow":
-        return cls(**dataclasses.asdict(r))
-
-
 class EfficiencyRow(_Result):
     """Measured speed-up of a model over the baseline against its ideal (FLOPs) speed-up."""
 
@@ -98,12 +60,12 @@ class BenchmarkResult(_Result):
     """
 
     backend: str = Field(description="the name of the pipeline's backend entry, e.g. 'cpu'")
-    results: list[LatencyRow] = Field(default_factory=list)
+    results: list[LatencyResult] = Field(default_factory=list)  # the harness's own rows
     efficiency: list[EfficiencyRow] = Field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
 
-    def rows_for(self, model: str) -> list[LatencyRow]:
+    def rows_for(self, model: str) -> list[LatencyResult]:
         """The timings of one bundle (by its label, e.g. 'unpruned', 'round_1')."""
         return [r for r in self.results if r.model == model]
 
@@ -111,4 +73,4 @@ class BenchmarkResult(_Result):
         return [e for e in self.efficiency if e.model == model]
 
 
-__all__ = ["BenchmarkResult", "BundleInfo", "EfficiencyRow", "LatencyRow"]
+__all__ = ["BenchmarkResult", "BundleInfo", "EfficiencyRow"]

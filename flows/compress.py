@@ -20,6 +20,7 @@ ends runs whose process died (SIGKILL, power loss).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -519,8 +520,8 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
         return {}
     row = rows[chosen]
     label = f"round_{row.round}"
-    latency = {name: [r.model_dump() for r in b.rows_for(label)] for name, b in benches.items()}
-    baseline = {name: [r.model_dump() for r in b.rows_for(BASELINE)] for name, b in benches.items()}
+    latency = {name: [dataclasses.asdict(r) for r in b.rows_for(label)] for name, b in benches.items()}
+    baseline = {name: [dataclasses.asdict(r) for r in b.rows_for(BASELINE)] for name, b in benches.items()}
     errors = {name: b.error for name, b in benches.items() if b.error}
     # Registered before the gate: edge gate devices download the candidate from the registry.
     # The chosen round's run is the version's source: the registry links back to it.
@@ -537,8 +538,8 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
     again = _remeasure_inconclusive(cfg, decision, label, bundles)
     if again:  # a check that did not converge is timed again, longer, before the gate decides
         for name, bench in again.items():
-            latency[name] += [r.model_dump() for r in bench.rows_for(label)]
-            baseline[name] += [r.model_dump() for r in bench.rows_for(BASELINE)]
+            latency[name] += [dataclasses.asdict(r) for r in bench.rows_for(label)]
+            baseline[name] += [dataclasses.asdict(r) for r in bench.rows_for(BASELINE)]
         decision = gate_task(gate, gate_value(base), gate_value(row, base), latency, baseline, errors)
     promoted = promote_task(cfg.model_name, number, decision)
     markdown = f"# {cfg.model_name} v{number}: {'promoted to champion' if promoted else 'not promoted'}\n\n"

@@ -11,7 +11,7 @@ from export.bundle import export_bundle, load_bundle, read_meta
 from export.efficiency import Candidate, bench_side_by_side, efficiency_rows
 from export.inputs import calibration_inputs, test_batches
 from export.latency import LatencySettings
-from export.results import BenchmarkResult, BundleInfo, EfficiencyRow, LatencyRow
+from export.results import BenchmarkResult, BundleInfo, EfficiencyRow
 from flows.config import BackendConfig, PipelineConfig
 from pfp.prune import PruneError
 from pfp.results import BaseInfo, RoundResult
@@ -95,7 +95,7 @@ def benchmark(cfg: PipelineConfig, backend: BackendConfig, bundles: dict[str, st
     flops = {c.label: c.flops for c in candidates}
     return BenchmarkResult(
         backend=backend.name,
-        results=[LatencyRow.from_result(r) for r in results],
+        results=list(results),
         efficiency=[EfficiencyRow(**row) for row in efficiency_rows(results, flops, baseline)],
         seconds=time.perf_counter() - start,
     )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from pfp.train import EpochStats
+
 
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -37,20 +39,6 @@ class BaseInfo(_Result):
     calib_size: int
     holdout_size: int
     seconds: float = 0.0
-
-
-class EpochPoint(_Result):
-    """One retraining epoch: the curves a tracking UI draws (accuracies in percent)."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    test_loss: float
-    test_acc: float
-    lr: float
-    seconds: float
-    metric: str = "acc"  # the task's metric; for other tasks the accuracies are NaN
-    test_metrics: dict[str, float] = {}
 
 
 class RoundResult(_Result):
@@ -97,7 +85,7 @@ class RoundResult(_Result):
     reduction: float | None = None
     postprocess: str | None = None
     reused: bool = False  # found finished on disk, not recomputed
-    history: list[EpochPoint] = []  # the retraining curve
+    history: list[EpochStats] = []  # the retraining curve
     # prune.target latency: the one-shot model's p50 over the unpruned one's, timed side by side
     latency_measured_ratio: float | None = None
     latency_met: bool | None = None

@@ -13,7 +13,6 @@ retraining resumes from retrain.ckpt.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pfp.files import stable_hash
 from pfp.models import build_model
 from pfp.prune import prune
 from pfp.resources import count_flops, count_params, format_count
-from pfp.results import EpochPoint, RoundResult
+from pfp.results import RoundResult
 from pfp.serialization import CheckpointError, load_model, save_model
 from pfp.setup import DATA_RUNTIME_FIELDS, Setup, hash_view
 from pfp.tasks import check_metrics, is_classification
@@ -205,7 +204,7 @@ def run_round(setup: Setup, spec: RoundSpec, parent: str | Path | None = None, *
         score_before_retrain=score_before, score=score, score_change=task.change(score, setup.score), metrics=after,
         eps=eps, prune_seconds=prune_seconds,
         retrain_seconds=retrain_seconds, seconds=prune_seconds + retrain_seconds, model_path=str(model_path),
-        report_path=str(report_path), history=[EpochPoint(**dataclasses.asdict(e)) for e in trained.history],
+        report_path=str(report_path), history=list(trained.history),
         **_measured(report_dict),
         **({} if target_report is None else {
             "latency_measured_ratio": target_report.best_ratio, "latency_met": target_report.met,
