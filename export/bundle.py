@@ -38,8 +38,11 @@ REFERENCE_FILE = "reference.npz"
 REFERENCE_SAMPLES = 64
 
 
-def input_shape_of(spec: dict) -> tuple[int, int, int]:
-    """(C, H, W) of the architecture a pfp model file was built from."""
+def input_shape_of(spec: dict, meta: dict | None = None) -> tuple[int, ...]:
+    """One sample's shape for a pfp model file: the shape it recorded (any model, also a
+    user's by import path), else (C, H, W) of the zoo architecture it was built from."""
+    if isinstance(meta, dict) and meta.get("input_shape"):
+        return tuple(int(d) for d in meta["input_shape"])
     size = int(spec.get("input_size", 32))
     return int(spec.get("in_channels", 3)), size, size
 
@@ -67,7 +70,7 @@ def export_bundle(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     model, info = load_model(checkpoint, build_model)
     model.eval()
-    shape = input_shape_of(info["spec"])
+    shape = input_shape_of(info["spec"], info.get("meta"))
     example = torch.zeros(1, *shape)
     try:
         with torch.no_grad():
