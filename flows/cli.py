@@ -99,8 +99,9 @@ def _load(config: Optional[Path], set_: Optional[list[str]]):
 
 
 def _summary(result: dict) -> Table:
+    metric = result["base"].get("metric") or "acc"
     t = Table(title="compress flow: rounds")
-    for col in ("round", "keep", "acc", "change", "FLOPs removed", "pre-act. error p95 (worst layer)"):
+    for col in ("round", "keep", metric, "change (+ better)", "FLOPs removed", "pre-act. error p95 (worst layer)"):
         t.add_column(col, justify="right")
     for i, r in enumerate(result["rounds"]):
         if r.get("error"):
@@ -108,8 +109,10 @@ def _summary(result: dict) -> Table:
             continue
         mark = " *" if result["chosen"] == i else ""
         cov = f"{r['preact_err_p95_max']:.3g}" if r.get("preact_err_p95_max") is not None else "-"
-        t.add_row(f"{r['round']}{mark}", f"{r['keep_ratio']:.0%}", f"{r['acc']:.2f}%", f"{r['acc_change']:+.2f}",
-                  f"{r['flops_removed_pct']:.1f}%", cov)
+        value = r["score"] if r.get("score") is not None else r["acc"]
+        change = r["score_change"] if r.get("score_change") is not None else r["acc_change"]
+        t.add_row(f"{r['round']}{mark}", f"{r['keep_ratio']:.0%}", f"{value:.4g}" + ("%" if metric == "acc" else ""),
+                  f"{change:+.3g}", f"{r['flops_removed_pct']:.1f}%", cov)
     return t
 
 

@@ -267,3 +267,32 @@ def test_python_api_example_runs():
     out = main(epochs=1)
     assert 0.4 <= out["flops_removed"] <= 0.6
     assert out["after"] == out["after"] and out["before"] > 0  # finite numbers
+
+
+# --------------------------------------------------------------------------- the examples through the pipeline
+
+
+@pytest.mark.parametrize("example,metric", [("regression", "mse"), ("segmentation", "miou")])
+def test_examples_through_pfp_run(tmp_path, example, metric):
+    """`pfp run` (Prefect flow, export to ONNX, timing, gate, MLflow registry) on a custom task."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "-q", "run", str(REPO / "examples" / f"{example}.yaml"),
+         "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         "--set", "train.epochs=2", "--set", "retrain.epochs=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "runs" / example / "flow_result.json").read_text())
+    assert result["base"]["metric"] == metric and result["rounds"][0]["error"] is None
+    assert result["version"] == "1"  # exported, timed and registered like a classifier
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(example)
+    (round1,) = client.search_runs([exp.experiment_id], "tags.`pfp.round` = '1'")
+    assert metric in round1.data.metrics  # the task's own metric, under its name
+    parent = client.get_run(result["parent_run_id"])
+    assert f"| round | keep | {metric} |" in parent.data.tags["mlflow.note.content"]
