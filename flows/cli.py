@@ -166,14 +166,10 @@ def validate_cmd(
         return
     with user_errors():
         from flows.config import load_pipeline_config
-        from pfp.cli import check_model_name
-        from pfp.config import ConfigError
+        from pfp.cli import check_runnable
 
         cfg = load_pipeline_config(config, parse_sets(set_))
-        check_model_name(cfg.model.name)
-        ckpt = cfg.model.pretrained_checkpoint
-        if ckpt and not Path(ckpt).is_file():
-            raise ConfigError(f"{config}: field 'model.pretrained_checkpoint': file {ckpt} not found")
+        check_runnable(cfg, config)
         p = cfg.prune
         Console().print(
             f"OK: {config or '<quickstart defaults>'}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}; {p.method} cascade to "

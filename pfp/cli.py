@@ -267,6 +267,14 @@ def models() -> None:
     console.print("  " + ", ".join(tv), highlight=False)
 
 
+def check_runnable(cfg: RunConfig, source: Path | None) -> None:
+    """What `validate` checks beyond the schema: the model name resolves and the checkpoint exists."""
+    check_model_name(cfg.model.name)
+    ckpt = cfg.model.pretrained_checkpoint
+    if ckpt and not Path(ckpt).is_file():
+        raise ConfigError(f"{source}: field 'model.pretrained_checkpoint': file {ckpt} not found")
+
+
 @app.command()
 def validate(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config to check (default: the quickstart)")] = None,
@@ -279,10 +287,7 @@ def validate(
         return
     with user_errors():
         cfg = load_run_config(config, parse_sets(set_))
-        check_model_name(cfg.model.name)
-        ckpt = cfg.model.pretrained_checkpoint
-        if ckpt and not Path(ckpt).is_file():
-            raise ConfigError(f"{config}: field 'model.pretrained_checkpoint': file {ckpt} not found")
+        check_runnable(cfg, config)
         p = cfg.prune
         Console().print(
             f"OK: {config or '<quickstart defaults>'}: '{cfg.name}': {cfg.model.name} on {cfg.data.name}, "
