@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -313,22 +313,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
     all_kept = {g.gid: g.size for g in graph.groups}
     order = [g.gid for g in graph.groups]
 
-    if on_latency:
-        missing = latency_model.missing([g.name for g in groups])
-        if missing:
-            raise PruneError(f"the latency table has no block for group {missing[0]!r} ({len(missing)} missing); "
-                             f"build it from this model with the same prune.ignore_layers")
-        timed = [g for g in graph.groups if g.name in latency_model.blocks]
-
-        def resource(counts: list[int]) -> float:
-            kept = dict(all_kept)
-            kept.update({g.gid: k for g, k in zip(groups, counts)})
-            return latency_model.predict({g.name: kept[g.gid] for g in timed})
-    else:
-        def resource(counts: list[int]) -> float:
-            kept = dict(all_kept)
-            kept.update({g.gid: k for g, k in zip(groups, counts)})
-            return rm.predict([kept[gid] for gid in order])[pick]
+    resource = _resource_of(groups, graph.groups, rm, pick, latency_model if on_latency else None)
 
     # on latency, channel rounding comes from the table's staircases (after allocation), not a multiple
     mult, mn = (1 if on_latency else cfg.round_to), cfg.min_channels
@@ -380,19 +365,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
                   for g, k in zip(groups, counts)}
     else:
         eps_of = {}
-    layers = []
-    for g in groups:
-        row = {"name": g.name, "size": g.size, "kept": int(len(keep[g.gid])), "eps": eps_of.get(g.gid),
-               "delta": cfg.delta if bounded else None, "m": None, "S": None, "coverage": None}
-        if bounded:
-            st = scored.stats[g.gid]
-            row["S"] = st.mass
-            e = eps_of.get(g.gid)
-            row["m"] = int(alloc.sample_size(st, e, cfg.delta)) if e else None
-        layers.append(row)
-    # network order (the dependency graph lists groups from the output back), for tables and plots
-    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    layers.sort(key=lambda r: position.get(r["name"], len(position)))
+    layers = _layer_rows(groups, keep, eps_of, scored.stats if bounded else None, cfg.delta)
 
     report = PruneReport(
         method=cfg.method, target=cfg.target, target_value=target_value, original_params=ref_params,
@@ -414,6 +387,7 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
                             points=cfg.postprocess_points)
         report.postprocess = asdict(pp)
         report.seconds = time.perf_counter() - start
+        _network_order(report.layers, model)
         return model, report, soft
     kept_in, kept_out = kept_indices(groups, keep)
     for gid, scl in weight_scale.items():
@@ -432,25 +406,80 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
                             points=cfg.postprocess_points, kept_out=kept_out)
     report.postprocess = asdict(pp)
     if holdout_loader is not None and kept_in:
-        eps_layer: dict[str, float] = {}
-        for g in groups:
-            for c in g.consumers:
-                if g.gid in eps_of:  # a consumer reading several groups is held to the tightest tolerance
-                    eps_layer[c.name] = min(eps_layer.get(c.name, float("inf")), eps_of[g.gid])
-        measured = guarantee.measure(original, model, kept_in, kept_out, holdout_loader, device, eps_layer,
-                                     cfg.delta if bounded else None)
-        report.guarantee = [m.to_dict() for m in measured]
-        by_name = {m.name: m for m in measured}
-        for g, row in zip(groups, layers):
-            inside = [by_name[c.name].inside_eps for c in g.consumers
-                      if c.name in by_name and by_name[c.name].inside_eps is not None]
-            row["coverage"] = min(inside) if inside else None
-            e95 = [by_name[c.name].eps95 for c in g.consumers if c.name in by_name]
-            row["eps95"] = max(e95) if e95 else None
+        _measure_guarantee(report, layers, groups, eps_of, original, model, kept_in, kept_out, holdout_loader,
+                           device, cfg.delta if bounded else None)
+    _network_order(report.layers, model)
     report.params = count_params(model)
     report.flops = count_flops(model, example_input)
     report.seconds = time.perf_counter() - start
     return model, report, None
+
+
+def _resource_of(groups: list[ChannelGroup], all_groups: list[ChannelGroup], rm: ResourceModel, pick: int,
+                 latency_model: LatencyModel | None) -> Callable[[list[int]], float]:
+    """The allocators' cost of kept counts for `groups` (the others keep every channel):
+    predicted latency from the table, else FLOPs (pick 1) or params (pick 0)."""
+    all_kept = {g.gid: g.size for g in all_groups}
+    order = [g.gid for g in all_groups]
+    if latency_model is not None:
+        missing = latency_model.missing([g.name for g in groups])
+        if missing:
+            raise PruneError(f"the latency table has no block for group {missing[0]!r} ({len(missing)} missing); "
+                             f"build it from this model with the same prune.ignore_layers")
+        timed = [g for g in all_groups if g.name in latency_model.blocks]
+
+        def latency(counts: list[int]) -> float:
+            kept = dict(all_kept)
+            kept.update({g.gid: k for g, k in zip(groups, counts)})
+            return latency_model.predict({g.name: kept[g.gid] for g in timed})
+        return latency
+
+    def counted(counts: list[int]) -> float:
+        kept = dict(all_kept)
+        kept.update({g.gid: k for g, k in zip(groups, counts)})
+        return rm.predict([kept[gid] for gid in order])[pick]
+    return counted
+
+
+def _layer_rows(groups: list[ChannelGroup], keep: dict, eps_of: dict, stats: dict | None, delta: float) -> list[dict]:
+    """The report's row per pruned group: widths, eps_l and, under the bound, m and S_g."""
+    layers = []
+    for g in groups:
+        row = {"name": g.name, "size": g.size, "kept": int(len(keep[g.gid])), "eps": eps_of.get(g.gid),
+               "delta": delta if stats is not None else None, "m": None, "S": None, "coverage": None}
+        if stats is not None:
+            st = stats[g.gid]
+            row["S"] = st.mass
+            e = eps_of.get(g.gid)
+            row["m"] = int(alloc.sample_size(st, e, delta)) if e else None
+        layers.append(row)
+    return layers
+
+
+def _measure_guarantee(report: PruneReport, layers: list[dict], groups: list[ChannelGroup], eps_of: dict,
+                       original: nn.Module, model: nn.Module, kept_in, kept_out, holdout_loader, device,
+                       delta: float | None) -> None:
+    """Each consumer's measured pre-activation error on held-out points, next to its eps_l."""
+    eps_layer: dict[str, float] = {}
+    for g in groups:
+        for c in g.consumers:
+            if g.gid in eps_of:  # a consumer reading several groups is held to the tightest tolerance
+                eps_layer[c.name] = min(eps_layer.get(c.name, float("inf")), eps_of[g.gid])
+    measured = guarantee.measure(original, model, kept_in, kept_out, holdout_loader, device, eps_layer, delta)
+    report.guarantee = [m.to_dict() for m in measured]
+    by_name = {m.name: m for m in measured}
+    for g, row in zip(groups, layers):  # rows are still in the groups' order here
+        inside = [by_name[c.name].inside_eps for c in g.consumers
+                  if c.name in by_name and by_name[c.name].inside_eps is not None]
+        row["coverage"] = min(inside) if inside else None
+        e95 = [by_name[c.name].eps95 for c in g.consumers if c.name in by_name]
+        row["eps95"] = max(e95) if e95 else None
+
+
+def _network_order(layers: list[dict], model: nn.Module) -> None:
+    """Sort report rows in network order (the dependency graph lists groups from the output back)."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers.sort(key=lambda r: position.get(r["name"], len(position)))
 
 
 # `pfp.prune(model, ...)` calls the API; see _CallableModule in pfp/__init__.py.

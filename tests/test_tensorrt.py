@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from export.backends.base import BackendError, BackendUnavailable, BuildSpec, ModelBundle
-from export.backends.tensorrt import TRT_MISSING, TensorRTBackend, TensorRTRunner, _profiles
+from export.backends.tensorrt import TRT_MISSING, TensorRTBackend, TensorRTRunner, optimization_profiles
 from export.engine_record import EngineMismatch, load_record, record_path, save_record
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -42,16 +42,16 @@ def test_backend_identity():
 
 
 def test_profiles_from_spec():
-    assert _profiles(BuildSpec(batch_sizes=(8, 1, 32))) == [
+    assert optimization_profiles(BuildSpec(batch_sizes=(8, 1, 32))) == [
         {"min": 1, "opt": 1, "max": 1}, {"min": 8, "opt": 8, "max": 8}, {"min": 32, "opt": 32, "max": 32}]
-    assert _profiles(BuildSpec(batch_sizes=(1, 8, 32), options={"profile": "range"})) == [
+    assert optimization_profiles(BuildSpec(batch_sizes=(1, 8, 32), options={"profile": "range"})) == [
         {"min": 1, "opt": 32, "max": 32}]
-    assert _profiles(BuildSpec(batch_sizes=(1, 32), options={"profile": "range", "opt_batch": 8})) == [
+    assert optimization_profiles(BuildSpec(batch_sizes=(1, 32), options={"profile": "range", "opt_batch": 8})) == [
         {"min": 1, "opt": 8, "max": 32}]
     with pytest.raises(BackendError, match="opt_batch 64 is outside the batch range 1..32"):
-        _profiles(BuildSpec(batch_sizes=(1, 32), options={"profile": "range", "opt_batch": 64}))
+        optimization_profiles(BuildSpec(batch_sizes=(1, 32), options={"profile": "range", "opt_batch": 64}))
     with pytest.raises(BackendError, match="profile option 'dynamic'"):
-        _profiles(BuildSpec(options={"profile": "dynamic"}))
+        optimization_profiles(BuildSpec(options={"profile": "dynamic"}))
 
 
 # --------------------------------------------------------------------------- GPU + TensorRT

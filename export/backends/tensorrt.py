@@ -88,7 +88,7 @@ def _precision_mode(trt: Any, spec: BuildSpec) -> str:
     return mode
 
 
-def _profiles(spec: BuildSpec) -> list[dict[str, int]]:
+def optimization_profiles(spec: BuildSpec) -> list[dict[str, int]]:
     sizes = sorted(set(spec.batch_sizes))
     kind = spec.options.get("profile", "per_batch")
     if kind == "per_batch":
@@ -179,7 +179,7 @@ def build_engine(bundle: ModelBundle, spec: BuildSpec) -> tuple[Path, EngineReco
     workdir.mkdir(parents=True, exist_ok=True)
     plan = workdir / f"model.{spec.precision}.plan"
     mode = _precision_mode(trt, spec)
-    profiles = _profiles(spec)
+    profiles = optimization_profiles(spec)
     onnx_sha = bundle.onnx_sha256 or sha256_file(onnx_path)
 
     if plan.is_file() and not spec.options.get("rebuild"):
