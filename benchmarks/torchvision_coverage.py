@@ -1,19 +1,23 @@
 """Coverage: the share of torchvision's classification models that PFP prunes to 50% FLOPs
 and that still run and give the right output shape.
 
-    .venv/bin/python benchmarks/torchvision_coverage.py [--size 64] [--keep 0.5] [--only a,b] [--timeout 300]
+    .venv/bin/python benchmarks/torchvision_coverage.py [--method pfp] [--size 64] [--keep 0.5]
+        [--only a,b] [--timeout 900] [--rows rows.jsonl] [--json summary.json]
 Calibration uses random images (this measures mechanics, not accuracy). Each model runs in
-its own process with a time limit, so one huge model cannot stall or exhaust the machine;
---rows FILE appends one JSON line per model and a re-run skips the models already there.
+its own process with a time limit (--timeout, per model; the 224 px Swin/MaxViT models need
+several minutes on a small CPU), so one hang or out-of-memory kill does not stop the sweep;
+--rows FILE appends one JSON line per model and a re-run skips the models already there;
+--json FILE writes the summary (rows, pass rate, and the torchvision models not run).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
-import logging
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torchvision
@@ -23,16 +27,47 @@ from pfp.models import build_model
 from pfp.prune import prune
 
 
-def one(name: str, size: int, keep: float, points: int) -> dict:
+@dataclass
+class Summary:
+    """One sweep: a row per model run, the pass rate, and the torchvision models left out."""
+
+    method: str
+    keep: float
+    timeout_s: int
+    rows: list[dict] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> int:
+        return sum(bool(r["ok"]) for r in self.rows)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(passed=self.passed, run=len(self.rows), pass_rate=self.passed / max(1, len(self.rows)))
+        return d
+
+
+def input_size(name: str, size: int) -> int:
+    """The input side a model is run at: `size` unless the architecture needs more."""
+    if name.startswith(("swin", "maxvit")):  # their window/block sizes need the native input
+        return 224
+    if name == "inception_v3":  # its stem needs at least 75 px
+        return max(size, 96)
+    if name == "vit_h_14":  # patch size 14
+        return 56
+    return size
+
+
+def one(name: str, size: int, keep: float, points: int, method: str = "pfp") -> dict:
     """Prune one torchvision model; the row says whether it ran with the right output."""
     t = time.perf_counter()
-    row = {"model": name, "size": size}
+    row = {"model": name, "size": size, "method": method}
     try:
         torch.manual_seed(0)
         model = build_model("tv:" + name, 10, 3, size).eval()
         x = torch.rand(points, 3, size, size)
         calib = [(x, torch.zeros(points, dtype=torch.long))]
-        pruned, rep, _ = prune(model, calib, PruneConfig(method="pfp", keep_ratios=[keep]), keep, example_input=x[:1])
+        pruned, rep, _ = prune(model, calib, PruneConfig(method=method, keep_ratios=[keep]), keep, example_input=x[:1])
         with torch.no_grad():
             out = pruned.eval()(x[:2])
         ok_shape = tuple(out.shape) == (2, 10)
@@ -53,18 +88,25 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--points", type=int, default=2)
-    ap.add_argument("--only", default="")
-    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--method", default="pfp")
+    ap.add_argument("--only", default="", help="comma-separated torchvision names (default: all)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per model, measured in its own process")
     ap.add_argument("--rows", default="", help="JSON-lines file: append rows, skip models already in it")
+    ap.add_argument("--json", default="", help="write the summary (rows, pass rate, models not run) here")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.one:
-        print(json.dumps(one(args.one, args.size, args.keep, args.points)))
+        print(json.dumps(one(args.one, args.size, args.keep, args.points, args.method)))
         return
-    names = torchvision.models.list_models(module=torchvision.models)
+    all_names = torchvision.models.list_models(module=torchvision.models)
+    names = all_names
     if args.only:
-        names = [n for n in names if n in args.only.split(",")]
+        wanted = args.only.split(",")
+        unknown = [n for n in wanted if n not in all_names]
+        if unknown:
+            raise SystemExit(f"--only: {unknown[0]!r} is not a torchvision classification model")
+        names = [n for n in all_names if n in wanted]
     rows = []
     if args.rows:
         try:
@@ -76,15 +118,9 @@ def main() -> None:
     for name in names:
         if name in done:
             continue
-        size = args.size
-        if name.startswith(("swin", "maxvit")):  # their window/block sizes need the native input
-            size = 224
-        elif name == "inception_v3":  # its stem needs at least 75 px
-            size = max(size, 96)
-        elif name == "vit_h_14":  # patch size 14
-            size = 56
+        size = input_size(name, args.size)
         cmd = [sys.executable, __file__, "--one", name, "--size", str(size), "--keep", str(args.keep),
-               "--points", str(args.points)]
+               "--points", str(args.points), "--method", args.method]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             line = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -92,18 +128,24 @@ def main() -> None:
                 "model": name, "size": size, "ok": False,
                 "reason": f"process died (exit {out.returncode}): {out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else ''}"}
         except subprocess.TimeoutExpired:
-            row = {"model": name, "size": size, "ok": False, "reason": f"not finished in {args.timeout}s on this machine"}
+            row = {"model": name, "size": size, "method": args.method, "ok": False,
+                   "reason": f"not finished in {args.timeout}s on this machine"}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.rows:
             with open(args.rows, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    ok = sum(r["ok"] for r in rows)
+    ran = {r["model"] for r in rows}
+    summary = Summary(args.method, args.keep, args.timeout, rows, [n for n in all_names if n not in ran])
+    ok = summary.passed
     print(f"\n{ok}/{len(rows)} models pruned to {args.keep:.0%} of FLOPs (within 2%) and ran with the right output shape"
-          f" ({ok / max(1, len(rows)):.1%})")
+          f" ({ok / max(1, len(rows)):.1%}); {len(summary.not_run)} of {len(all_names)} torchvision models not run")
     for r in rows:
         if not r["ok"]:
             print(f"  FAIL {r['model']}: {r['reason']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary.to_dict(), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ so scoring, allocation and removal never walk Torch-Pruning's structures themsel
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +25,74 @@ from .hooks import eval_mode
 log = logging.getLogger(__name__)
 
 SCORABLE = (nn.Conv2d, nn.Linear)
+
+
+class ChannelShuffleOp(torch.autograd.Function):
+    """A channel shuffle as one autograd node, so Torch-Pruning's tracer sees one op.
+
+    Traced as torchvision writes it (view to 5-D, transpose, view back), the shuffle breaks
+    Torch-Pruning's reshape index mapping (a ZeroDivisionError while building the graph). As
+    one node the tracer takes it for an element-wise op; its index mapping (identity) is then
+    wrong, so every group whose channels reach it is kept whole (see `_reaches_shuffle`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, groups: int) -> torch.Tensor:
+        ctx.groups = groups
+        return _shuffle(x, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # the inverse permutation of a shuffle in g groups is a shuffle in C/g groups
+        return _shuffle(grad, grad.shape[1] // ctx.groups), None
+
+
+def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def _opaque_channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return ChannelShuffleOp.apply(x, groups)
+
+
+# Functions that Torch-Pruning cannot trace, swapped for a one-node version while the graph
+# is built: (module, attribute, stand-in). The model itself is never modified.
+TRACE_STAND_INS = [("torchvision.models.shufflenetv2", "channel_shuffle", _opaque_channel_shuffle)]
+
+# Attention blocks that reshape by a head count and a width they store (torchvision's ViT
+# reads `hidden_dim`, Swin `num_heads`): the channels of their inputs and outputs are kept.
+# Only the channels between two plain layers (the MLP's hidden units) are pruned there.
+_ATTENTION_TYPES = [("torch.nn", "MultiheadAttention"),
+                    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"),
+                    ("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")]
+
+
+@contextlib.contextmanager
+def trace_stand_ins() -> Iterator[None]:
+    """Swap TRACE_STAND_INS in for the duration of a trace (modules not imported are left alone)."""
+    saved = []
+    try:
+        for mod_name, attr, stand_in in TRACE_STAND_INS:
+            mod = sys.modules.get(mod_name)
+            if mod is not None and hasattr(mod, attr):
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, stand_in)
+        yield
+    finally:
+        for mod, attr, original in reversed(saved):
+            setattr(mod, attr, original)
+
+
+def attention_types() -> tuple[type, ...]:
+    """The attention module classes of _ATTENTION_TYPES that are importable here."""
+    found = []
+    for mod_name, cls in _ATTENTION_TYPES:
+        try:
+            found.append(getattr(importlib.import_module(mod_name), cls))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 @dataclass
@@ -93,23 +165,30 @@ class PruningGraph:
         if self.output_layer:
             ignored.append(names[self.output_layer])
         self.ignored_names = set(ignore_layers) | ({self.output_layer} if self.output_layer else set())
-        with eval_mode(model), torch.enable_grad():  # Torch-Pruning traces through autograd
+        with eval_mode(model), torch.enable_grad(), trace_stand_ins():  # Torch-Pruning traces through autograd
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
         self._names = {m: n for n, m in model.named_modules()}
+        attn = attention_types()
+        self._attention = [n for n, m in model.named_modules() if attn and isinstance(m, attn)]
         self.skipped: list[tuple[str, str]] = []
         self.groups = self._extract(ignored)
 
     def _extract(self, ignored: list[nn.Module]) -> list[ChannelGroup]:
         groups = []
-        for tpg in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=SCORABLE):
+        for tpg in self._tp_groups(ignored):
             producers, consumers, unscorable, members, norms = [], [], [], [], []
             skip_reason = None
             for item in tpg.items:
                 dep, idxs = item.dep, item.idxs
                 mod = dep.target.module
+                if _is_shuffle(dep.target):
+                    skip_reason = "its channels go through a channel shuffle (kept whole: the shuffle ties them across branches)"
                 if not isinstance(mod, nn.Module) or mod not in self._names:
                     continue
                 name = self._names[mod]
+                inside = self._inside_attention(name)
+                if inside and not skip_reason:
+                    skip_reason = f"its channels enter or leave the attention block {inside} (head count and width are fixed there)"
                 is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
                 idx_t = torch.as_tensor(list(idxs), dtype=torch.long)
                 root_t = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
@@ -154,6 +233,42 @@ class PruningGraph:
             )
         return groups
 
+    def _tp_groups(self, ignored: list[nn.Module]) -> Iterator:
+        """Torch-Pruning's groups, one per root layer, as DependencyGraph.get_all_groups finds them.
+
+        Unlike get_all_groups, a root whose group Torch-Pruning cannot resolve (its index
+        mapping fails, e.g. behind a channel shuffle) is recorded in `skipped` and the others
+        are still returned.
+        """
+        visited: set[nn.Module] = set()
+        ignored = list(ignored) + list(self.dg.IGNORED_LAYERS_IN_TRACING)
+        for m in list(self.dg.module2node):
+            if m in ignored or not isinstance(m, SCORABLE) or m in visited:
+                continue
+            pruner = self.dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except Exception as e:  # noqa: BLE001 - Torch-Pruning's index mappings fail in many ways
+                why = f"Torch-Pruning cannot map its channels ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                log.warning("not pruning the channels of %s: %s", self._names.get(m, "?"), why)
+                self.skipped.append((self._names.get(m, "?"), why))
+                continue
+            prunable = True
+            for dep, _ in group:
+                if self.dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(dep.target.module)
+                    prunable = prunable and dep.target.module not in ignored
+            if prunable:
+                yield group
+
+    def _inside_attention(self, name: str) -> str | None:
+        for a in self._attention:
+            if name == a or name.startswith(a + "."):
+                return a
+        return None
+
     def prune(self, keep: dict[int, torch.Tensor]) -> None:
         """Remove, physically, every channel of group gid not listed in keep[gid]."""
         modules = dict(self.model.named_modules())  # removal resizes modules in place: names stay valid
@@ -169,6 +284,11 @@ class PruningGraph:
             # the root's own out-channel indices are untouched by other groups' removals
             group = self.dg.get_pruning_group(root, pruner.prune_out_channels, drop)
             group.prune()
+
+
+def _is_shuffle(node) -> bool:
+    fn = getattr(node, "grad_fn", None)
+    return fn is not None and hasattr(fn, "name") and fn.name().startswith(ChannelShuffleOp.__name__)
 
 
 def kept_indices(groups: list[ChannelGroup], keep: dict[int, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

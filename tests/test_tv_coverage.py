@@ -1,0 +1,65 @@
+"""torchvision architectures Torch-Pruning cannot take as they are: ShuffleNetV2's channel shuffle
+and the attention blocks of ViT (a stored hidden_dim and head count). Each is pruned to half its
+FLOPs, still runs, and keeps its output shape; what is left whole is named with the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import VisionTransformer
+
+from pfp.config import PruneConfig
+from pfp.groups import PruningGraph
+from pfp.models import build_model
+from pfp.prune import prune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prune_half(model: torch.nn.Module, size: int, method: str):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, size, size)
+    pruned, rep, _ = prune(model, [(x, torch.zeros(4, dtype=torch.long))],
+                           PruneConfig(method=method, keep_ratios=[0.5]), 0.5, example_input=x[:1])
+    with torch.no_grad():
+        out = pruned.eval()(x[:2])
+    return pruned, rep, out
+
+
+@pytest.mark.parametrize("method", ["tp_magnitude", "pfp"])
+def test_shufflenet_pruned_to_half_flops(method):
+    original_shuffle = torchvision.models.shufflenetv2.channel_shuffle
+    model = build_model("tv:shufflenet_v2_x0_5", 10, 3, 32).eval()
+    pruned, rep, out = _prune_half(model, 32, method)
+    assert out.shape == (2, 10)
+    assert rep.flops / rep.original_flops == pytest.approx(0.5, rel=0.02)
+    # the stand-in is swapped in only while Torch-Pruning traces
+    assert torchvision.models.shufflenetv2.channel_shuffle is original_shuffle
+    # branch-internal channels are removed; the shuffled stage channels are not
+    mods = dict(pruned.named_modules())
+    assert any(mods[f"stage3.{i}.branch2.0"].out_channels < 48 for i in range(8))
+    assert mods["stage3.7.branch2.5"].out_channels == 48
+    assert any("channel shuffle" in why for _, why in rep.skipped)
+
+
+def test_shufflenet_shuffled_channels_never_form_a_group():
+    model = build_model("tv:shufflenet_v2_x0_5", 10, 3, 32).eval()
+    graph = PruningGraph(model, torch.rand(1, 3, 32, 32))
+    producers = {p.name for g in graph.groups for p in g.producers}
+    # a branch's last 1x1 conv feeds the concat that is shuffled; the first feeds the depthwise conv only
+    assert not any(n.endswith("branch2.5") or n.endswith("branch1.2") for n in producers)
+    assert "stage2.0.branch2.0" in producers and "conv5.0" in producers
+
+
+def test_vit_prunes_mlp_hidden_units_and_keeps_its_width():
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                              mlp_dim=256, num_classes=10).eval()
+    pruned, rep, out = _prune_half(model, 32, "pfp")
+    assert out.shape == (2, 10)
+    assert rep.flops / rep.original_flops == pytest.approx(0.5, rel=0.02)
+    assert pruned.hidden_dim == 32 and pruned.conv_proj.out_channels == 32
+    for layer in pruned.encoder.layers:
+        assert layer.mlp[0].out_features < 256 and layer.mlp[3].in_features == layer.mlp[0].out_features
+        assert layer.self_attention.embed_dim == 32
+    assert any("attention block" in why for _, why in rep.skipped)
