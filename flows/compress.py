@@ -323,7 +323,7 @@ def log_round_task(run_id: str, row: RoundResult, plots: Path, original: dict[st
     log_metrics_at(round_metrics(row), run_id=run_id)
     for e in row.history:  # step series: the retraining curves
         curves = {"train.loss": e.train_loss, "train.acc_pct": e.train_acc, "test.loss": e.test_loss,
-                  "test.acc_pct": e.test_acc, "train.lr": e.lr} | {f"test.{k}": v for k, v in e.test_metrics.items()}
+                  "test.acc_pct": e.test_acc, "train.lr": e.lr} | {f"test.{k}": v for k, v in e.test_metrics.items() if k not in ("acc", "loss")}
         log_metrics_at(curves, step=e.epoch + 1, run_id=run_id)  # NaN (another task's accuracy) is skipped
     client.log_artifact(run_id, row.model_path, "model")
     client.log_artifact(run_id, row.report_path, "report")
