@@ -188,7 +188,7 @@ def prune_cmd(
     keep: Annotated[float, typer.Option(help="share of the resource to keep, in (0, 1)")],
     out: Annotated[Path, typer.Option(help="where to write the pruned model; the report goes next to it (.report.json)")],
     method: Annotated[Optional[str], typer.Option(help="override prune.method")] = None,
-    target: Annotated[Optional[str], typer.Option(help="override prune.target: flops or params")] = None,
+    target: Annotated[Optional[str], typer.Option(help="override prune.target: flops or params (a latency target: prune.target in a `pfp local run` config)")] = None,
     of_original: Annotated[
         bool, typer.Option("--of-original", help="keep is relative to the unpruned network recorded in the file's report")
     ] = False,
