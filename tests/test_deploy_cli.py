@@ -73,7 +73,7 @@ def test_pipeline_gate_may_name_gate_devices(tmp_path):
     for check, expect in [
         ({"target": "orin-gate-01", "batch": 4, "max_ms": 4.0}, "batch: 4 is not measured on gate device"),
         ({"target": "orin-gate-01", "batch": 1, "min_speedup": 1.2}, "times only the candidate"),
-        ({"target": "orin-canary-01", "batch": 1, "max_ms": 4.0}, "is not one of targets ['local-cpu'] or gate devices"),
+        ({"target": "orin-canary-01", "batch": 1, "max_ms": 4.0}, "is not one of backends ['local-cpu'] or gate devices"),
     ]:
         msg = one_line_error(cli.invoke(app, ["validate", str(pipeline(tmp_path, [check]))]))
         assert expect in msg, msg
