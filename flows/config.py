@@ -114,7 +114,7 @@ class EdgeConfig(StrictModel):
             try:
                 devices = load_targets(self.targets_file)
             except ConfigError as e:
-                raise ValueError(str(e)) from None
+                raise ValueError(f"edge.targets_file: {e}") from None
             object.__setattr__(self, "devices", devices)  # no validate_assignment loop inside a validator
         elif not self.targets_file and self.devices:
             raise ValueError("devices: set only together with targets_file (they are read from it)")
