@@ -93,31 +93,22 @@ def single_eps(req: BudgetRequest) -> Budget:
     return Budget(sol.counts, [sol.knob] * len(stats), sol.knob, global_eps=sol.knob)
 
 
-@register_allocator("mass_bound")
-def mass_bound(req: BudgetRequest) -> Budget:
-    """Per-layer eps_g = sensitivity mass dropped, minimising sum log(1 + eps_g) at the target."""
-    stats = _need_stats(req, "mass_bound")
-    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass",
-                             cands=req.candidates)
-    return Budget(sol.counts, sol.eps, sol.multiplier)
+def _bound(name: str, kind: str, doc: str) -> Allocator:
+    """An allocator on the exact resource model with per-layer eps_g of `kind` (pfp.allocation.bound_counts)."""
+    def allocator(req: BudgetRequest) -> Budget:
+        sol = alloc.bound_counts(_need_stats(req, name), req.delta, req.resource_of, req.target, req.multiple,
+                                 req.minimum, kind=kind, cands=req.candidates)
+        return Budget(sol.counts, sol.eps, sol.multiplier)
+    allocator.__name__, allocator.__doc__ = name, doc
+    return register_allocator(name)(allocator)
 
 
-@register_allocator("mass_sum")
-def mass_sum(req: BudgetRequest) -> Budget:
-    """Per-layer eps_g = sensitivity mass dropped, minimising sum eps_g at the target."""
-    stats = _need_stats(req, "mass_sum")
-    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="mass_sum",
-                             cands=req.candidates)
-    return Budget(sol.counts, sol.eps, sol.multiplier)
-
-
-@register_allocator("sample_bound")
-def sample_bound(req: BudgetRequest) -> Budget:
-    """Per-layer eps_g from the sample-size bound, minimising sum log(1 + eps_g) at the target."""
-    stats = _need_stats(req, "sample_bound")
-    sol = alloc.bound_counts(stats, req.delta, req.resource_of, req.target, req.multiple, req.minimum, kind="sample",
-                             cands=req.candidates)
-    return Budget(sol.counts, sol.eps, sol.multiplier)
+mass_bound = _bound("mass_bound", "mass",
+                    "Per-layer eps_g = sensitivity mass dropped, minimising sum log(1 + eps_g) at the target.")
+mass_sum = _bound("mass_sum", "mass_sum",
+                  "Per-layer eps_g = sensitivity mass dropped, minimising sum eps_g at the target.")
+sample_bound = _bound("sample_bound", "sample",
+                      "Per-layer eps_g from the sample-size bound, minimising sum log(1 + eps_g) at the target.")
 
 
 @register_allocator("holdout", measures=True)
