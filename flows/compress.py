@@ -10,7 +10,7 @@ validated PipelineConfig (Prefect validates a dict into one, once, on the way in
 Resume: rounds, exports and benchmarks are cached Prefect tasks whose results persist under
 `<output_dir>/<name>/prefect-results`, keyed by a hash of their inputs; a re-run after a
 crash gets the finished ones back from there and computes only the rest (a round still
-reuses its own finished model file and its mid-retrain checkpoint, pfp.pipeline).
+reuses its own finished model file and its mid-retrain checkpoint, pfp.rounds).
 
 MLflow gets one parent run per flow run and one child run per round. A failure or a
 cancellation leaves none of them RUNNING: tracked_run ends them FAILED on any exception
@@ -165,7 +165,7 @@ def _export_task_name() -> str:
 @task(name="calibrate", task_run_name=_task_name("calibrate {cfg.name}: {cfg.model.name}"), cache_policy=NO_CACHE)
 def calibrate_task(cfg: PipelineConfig) -> BaseInfo:
     # Not cached: it loads the data set into this process, which the rounds run here use
-    # (the trained base model itself is reused from disk by pfp.pipeline).
+    # (the trained base model itself is reused from disk by pfp.setup).
     return steps.calibrate(cfg, progress=False)
 
 
