@@ -50,9 +50,9 @@ from flows.tracking import (
 from pfp.cascade import choose
 from pfp.files import sha256_file
 from pfp.plots import plot_accuracy_vs_flops, plot_layer_budget
-from pfp.results import BaseInfo, RoundResult
+from pfp.results import BaseInfo, RoundResult, change_of, score_of
 from flows.run_story import (
-    LatencyPoint, gate_value, score, score_change, base_metrics, latency_metrics, round_metrics, round_params, summary_markdown,
+    LatencyPoint, gate_value, base_metrics, latency_metrics, round_metrics, round_params, summary_markdown,
 )
 
 BASELINE = "unpruned"
@@ -371,7 +371,7 @@ def register_task(model_name: str, run_id: str, bundle: BundleInfo, row: RoundRe
 
     mlflow.MlflowClient().log_artifacts(run_id, bundle.bundle, "bundle")
     version = register_candidate(model_name, run_id, "bundle", {
-        "onnx_sha256": bundle.onnx_sha256, "flops": str(row.flops), row.metric or "acc": f"{score(row):.4f}",
+        "onnx_sha256": bundle.onnx_sha256, "flops": str(row.flops), row.metric or "acc": f"{score_of(row):.4f}",
         "round": str(row.round), "config_hash": config_hash,
     })
     return str(version.version)
@@ -462,8 +462,8 @@ def _prune_rounds(cfg: PipelineConfig, parent_id: str, tags: dict, run_dir: Path
                 original = {layer["name"]: layer["size"] for layer in json.loads(Path(row.report_path).read_text())["layers"]}
             log_round_task(run.info.run_id, row, plots, original if row.round > 1 else None)
             run_ids[row.round] = run.info.run_id
-        logger.info(f"round {i + 1}: keep {ratio:.0%} -> test {row.metric or 'acc'} {score(row):.4g} "
-                    f"({score_change(row):+.4g}, positive is better), "
+        logger.info(f"round {i + 1}: keep {ratio:.0%} -> test {row.metric or 'acc'} {score_of(row):.4g} "
+                    f"({change_of(row):+.4g}, positive is better), "
                     f"FLOPs -{row.flops_removed_pct:.1f}%")
         parent_model = row.model_path
     return rows, run_ids
@@ -513,7 +513,7 @@ def _gate_and_register(cfg: PipelineConfig, base: BaseInfo, rows: list[RoundResu
 
     logger = get_run_logger()
     if chosen is None:
-        msg = (f"no pruned model stays within {cfg.prune.tolerance:g} of the unpruned {base.metric} {score(base):.4g}; "
+        msg = (f"no pruned model stays within {cfg.prune.tolerance:g} of the unpruned {base.metric} {score_of(base):.4g}; "
                "nothing registered")
         logger.warning(msg)
         MlflowClient().set_tag(parent_id, "pfp.outcome", msg)
@@ -667,14 +667,14 @@ def _tell_the_story(cfg: PipelineConfig, result: CompressResult, run_ids: dict[i
     if result.version is not None:
         client.update_model_version(cfg.model_name, result.version, description=md)
     m = result.base.metric
-    table = [{"round": 0, "keep": "100%", m: round(score(result.base), 4), "FLOPs removed %": 0.0,
+    table = [{"round": 0, "keep": "100%", m: round(score_of(result.base), 4), "FLOPs removed %": 0.0,
               **{f"speed-up {p.target} b{p.batch}": 1.0 for p in latency[0]},
               "MLflow run": _run_link(uri, experiment_id, run_ids[0])}]
     for r in result.rounds:
         if not r.ok:
             table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", m: None, "error": r.error})
             continue
-        table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", m: round(score(r), 4),
+        table.append({"round": r.round, "keep": f"{r.keep_ratio:.0%}", m: round(score_of(r), 4),
                       "FLOPs removed %": round(r.flops_removed_pct, 1),
                       **{f"speed-up {p.target} b{p.batch}": p.speedup and round(p.speedup, 2)
                          for p in latency.get(r.round, [])},
@@ -756,13 +756,13 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
         for run_id in (parent_id, run_ids[0]):
             for k, v in tags.items():
                 client.set_tag(run_id, k, v)
-        logger.info(f"base model {base.base_path}: test {base.metric} {score(base):.4g}, |S| = {base.calib_size}")
+        logger.info(f"base model {base.base_path}: test {base.metric} {score_of(base):.4g}, |S| = {base.calib_size}")
 
         rows, round_runs = _prune_rounds(cfg, parent_id, tags, run_dir, plots, cached, work)
         run_ids |= round_runs
-        chosen = choose(score(base), rows, cfg.prune.tolerance, cfg.prune.target,
+        chosen = choose(score_of(base), rows, cfg.prune.tolerance, cfg.prune.target,
                         higher_is_better=base.higher_is_better)
-        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, score(base), rows, cfg.prune.tolerance, chosen,
+        mlflow.log_artifact(str(plot_accuracy_vs_flops(cfg.name, score_of(base), rows, cfg.prune.tolerance, chosen,
                                                        plots / "accuracy_vs_flops.png")), "plots")
         done = [r for r in rows if r.ok]
         bundles = _export_all(cfg, base, done, run_dir, run_ids, cached, work)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from deploy.gate import GateDecision
-from pfp.results import BaseInfo, RoundResult
+from pfp.results import BaseInfo, RoundResult, change_of, score_of
 
 
 class LatencyPoint(BaseModel):
@@ -25,21 +25,11 @@ class LatencyPoint(BaseModel):
     converged: bool | None = None
 
 
-def score(x: BaseInfo | RoundResult) -> float:
-    """The task's metric (classification: accuracy in percent)."""
-    return x.score if x.score is not None else x.acc
-
-
-def score_change(r: RoundResult) -> float:
-    """How much better than the unpruned model (negative: worse), in the metric's direction."""
-    return r.score_change if r.score_change is not None else r.acc_change
-
-
 def gate_value(x: BaseInfo | RoundResult, base: BaseInfo | None = None) -> float:
     """What the gate's `max_acc_drop` check compares: the metric, negated when lower is better,
     so "drop" is always how much worse the candidate is, in the metric's units."""
     higher = (base or x).higher_is_better
-    return score(x) if higher else -score(x)
+    return score_of(x) if higher else -score_of(x)
 
 
 def _r(value: float | int | None, digits: int) -> float | None:
@@ -132,7 +122,7 @@ def summary_markdown(
             cells.append("–" if p is None else f"{p.p50_ms:.3g}" + (f" ({p.speedup:.2f}x)" if p.speedup else ""))
         return cells
 
-    lines.append("| " + " | ".join(["0 (unpruned)", "100%", f"{score(base):.4g}", "", "0%", "0%"] + lat_cells(0)) + " |")
+    lines.append("| " + " | ".join(["0 (unpruned)", "100%", f"{score_of(base):.4g}", "", "0%", "0%"] + lat_cells(0)) + " |")
     for i, r in enumerate(rounds):
         n = r.round or i + 1
         mark = f"**{n}** ✓" if chosen == i else str(n)
@@ -140,7 +130,7 @@ def summary_markdown(
             lines.append("| " + " | ".join([mark, f"{r.keep_ratio:.0%}", f"error: {r.error}"] + [""] * (len(head) - 3)) + " |")
             continue
         lines.append("| " + " | ".join([
-            mark, f"{r.keep_ratio:.0%}", _fmt(score(r), ".4g"), _fmt(score_change(r), "+.3g"),
+            mark, f"{r.keep_ratio:.0%}", _fmt(score_of(r), ".4g"), _fmt(change_of(r), "+.3g"),
             _fmt(r.flops_removed_pct, ".1f", "%"), _fmt(r.params_removed_pct, ".1f", "%")] + lat_cells(n)) + " |")
     lines.append("")
     if chosen is None:

@@ -32,7 +32,7 @@ from pfp.files import write_json
 from pfp.plots import plot_accuracy_vs_flops
 from pfp.prune import PruneError
 from pfp.resources import format_count
-from pfp.results import BaseInfo, RoundResult
+from pfp.results import BaseInfo, RoundResult, change_of, score_of
 from pfp.rounds import RoundSpec, run_round
 from pfp.setup import prepare, refuse_distributed
 
@@ -73,43 +73,30 @@ class CascadeResult(BaseModel):
         return d
 
 
-def _score(r: RoundResult) -> float | None:
-    return r.score if r.score is not None else r.acc  # rows written before tasks had only acc
-
-
 def choose(base_score: float, rows: Sequence[RoundResult], tolerance: float, target: str = "flops", *,
            higher_is_better: bool = True) -> int | None:
     """Index of the smallest network (by the target resource) whose task metric (`score`, else
     `acc`) is within `tolerance` of the unpruned `base_score`, in the metric's direction."""
     sign = 1.0 if higher_is_better else -1.0
     ok = [i for i, r in enumerate(rows)
-          if r.ok and _score(r) is not None and sign * (_score(r) - base_score) >= -tolerance - 1e-9]  # type: ignore[operator]
+          if r.ok and score_of(r) is not None and sign * (score_of(r) - base_score) >= -tolerance - 1e-9]  # type: ignore[operator]
     if not ok:
         return None
     def size(r: RoundResult) -> float:  # latency: the measured share of the unpruned latency
         return r.achieved_keep if target == "latency" else getattr(r, target)
 
-    return min(ok, key=lambda i: (size(rows[i]), -sign * _score(rows[i])))  # type: ignore[operator]
+    return min(ok, key=lambda i: (size(rows[i]), -sign * score_of(rows[i])))  # type: ignore[operator]
 
 
 def plot_cascade(result: CascadeResult, path: Path) -> Path | None:
     """Accuracy (or the task's metric) against FLOPs kept for every round, the tolerance line and the choice."""
     base = result.base.score if result.base.score is not None else result.base.acc
     # The plot reads acc fields: give it the task's metric in their place.
-    rows = [r.model_copy(update={"acc": _score(r), "acc_before_retrain": r.score_before_retrain
+    rows = [r.model_copy(update={"acc": score_of(r), "acc_before_retrain": r.score_before_retrain
                                  if r.score_before_retrain is not None else r.acc_before_retrain})
             for r in result.rounds]
     sign = 1.0 if result.base.higher_is_better else -1.0
     return plot_accuracy_vs_flops(result.name, base, rows, sign * result.tolerance, result.chosen, path)  # type: ignore[arg-type]
-
-
-def _base_score(b: BaseInfo) -> float:
-    return b.score if b.score is not None else b.acc  # type: ignore[return-value]
-
-
-def _change(r: RoundResult) -> float:
-    """Signed so that positive is better."""
-    return r.score_change if r.score_change is not None else r.acc_change  # type: ignore[return-value]
 
 
 def summary_table(result: CascadeResult) -> Table:
@@ -120,7 +107,7 @@ def summary_table(result: CascadeResult) -> Table:
     for col in ("round", "keep", "params", "FLOPs", f"{m} before retrain", f"{m} after", "change", "time"):
         t.add_column(col, justify="right")
     fmt = (lambda v: f"{v:.2f}%") if m == "acc" else (lambda v: f"{v:.4g}")  # noqa: E731
-    t.add_row("base", "100%", format_count(b.params), format_count(b.flops), "", fmt(_base_score(b)), "", "")
+    t.add_row("base", "100%", format_count(b.params), format_count(b.flops), "", fmt(score_of(b)), "", "")
     for i, r in enumerate(result.rounds):
         mark = " *" if i == result.chosen else ""
         if not r.ok:
@@ -135,8 +122,8 @@ def summary_table(result: CascadeResult) -> Table:
             f"{format_count(r.params)} (-{r.params_removed_pct:.1f}%)",
             f"{format_count(r.flops)} (-{r.flops_removed_pct:.1f}%)",
             fmt(r.score_before_retrain if r.score_before_retrain is not None else r.acc_before_retrain),
-            fmt(_score(r)),
-            Text(f"{_change(r):+.4g}", style="green" if _change(r) >= -result.tolerance else "red"),
+            fmt(score_of(r)),
+            Text(f"{change_of(r):+.4g}", style="green" if change_of(r) >= -result.tolerance else "red"),
             f"{r.seconds:.0f}s",
             style="bold" if mark else None,
         )
@@ -187,7 +174,7 @@ def run_cascade(cfg: RunConfig, *, progress: bool = True) -> CascadeResult:
     if chosen is not None:
         r = rows[chosen]
         log.info("chosen: round %d (keep %.0f%%): test %s %.4g (change %+.4g vs unpruned %.4g, positive is better), FLOPs -%.1f%%, "
-                 "params -%.1f%% -> %s", chosen + 1, 100 * r.keep_ratio, setup.metric, _score(r), _change(r),
+                 "params -%.1f%% -> %s", chosen + 1, 100 * r.keep_ratio, setup.metric, score_of(r), change_of(r),
                  setup.score, r.flops_removed_pct, r.params_removed_pct, chosen_copy)
     else:
         log.warning("no pruned network stays within %g of the unpruned %s %.4g; keep the unpruned model (%s)",

@@ -32,7 +32,7 @@ from pfp.config import CompareConfig, ConfigError, RunConfig, format_validation_
 from pfp.files import atomic_path, write_json
 from pfp.plots import new_axes, save_figure
 from pfp.resources import format_count
-from pfp.results import BaseInfo, RoundResult
+from pfp.results import BaseInfo, RoundResult, change_of, score_before_retrain, score_of
 from pfp.rounds import RoundSpec, run_round
 from pfp.setup import Setup, prepare, refuse_distributed
 
@@ -144,24 +144,6 @@ def _title(r: RoundResult) -> str:
     return r.method + (" + BN/refit" if r.postprocess == "shared" else "")
 
 
-def _base_score(b: BaseInfo) -> float:
-    return b.score if b.score is not None else b.acc  # type: ignore[return-value]
-
-
-def _score(r: RoundResult) -> float:
-    """The task's metric after retraining (rows written before tasks: acc)."""
-    return r.score if r.score is not None else r.acc  # type: ignore[return-value]
-
-
-def _before(r: RoundResult) -> float:
-    return r.score_before_retrain if r.score_before_retrain is not None else r.acc_before_retrain  # type: ignore[return-value]
-
-
-def _change(r: RoundResult) -> float:
-    """Signed so that positive is better."""
-    return r.score_change if r.score_change is not None else r.acc_change  # type: ignore[return-value]
-
-
 def summary_table(result: CompareResult) -> Table:
     """The comparison as a rich table: one row per point, the unpruned model first."""
     t = Table(title=f"compare {result.name}: one-shot FLOP reduction, then {result.retrain_epochs} epochs of retraining")
@@ -170,7 +152,7 @@ def summary_table(result: CompareResult) -> Table:
                 "time"):
         t.add_column(col, justify="left" if col == "method" else "right")
     fmt = (lambda v: f"{v:.2f}%") if m == "acc" else (lambda v: f"{v:.4g}")  # noqa: E731
-    t.add_row("unpruned", "0%", "0%", "", fmt(_base_score(result.base)), "", "", style="dim")
+    t.add_row("unpruned", "0%", "0%", "", fmt(score_of(result.base)), "", "", style="dim")
     for r in result.rows:
         goal = f"({100 * (r.reduction or 0):.0f}%)"
         if not r.ok:
@@ -180,9 +162,9 @@ def summary_table(result: CompareResult) -> Table:
             _title(r),
             f"{r.flops_removed_pct:.1f}%" + (f" {goal}" if r.target == "flops" else ""),
             f"{r.params_removed_pct:.1f}%" + (f" {goal}" if r.target == "params" else ""),
-            fmt(_before(r)),
-            fmt(_score(r)),
-            Text(f"{_change(r):+.4g}", style="green" if _change(r) >= -result.tolerance else "red"),
+            fmt(score_before_retrain(r)),
+            fmt(score_of(r)),
+            Text(f"{change_of(r):+.4g}", style="green" if change_of(r) >= -result.tolerance else "red"),
             f"{r.seconds:.0f}s",
         )
     return t
@@ -193,7 +175,7 @@ def _plot(rows: list[RoundResult], base_acc: float, name: str, path: Path, metri
     markers = "osD^v<>PX*"
     methods = list(dict.fromkeys(_title(r) for r in rows))
     for i, m in enumerate(methods):
-        pts = sorted((r.flops_removed_pct, _score(r)) for r in rows if _title(r) == m and r.ok)
+        pts = sorted((r.flops_removed_pct, score_of(r)) for r in rows if _title(r) == m and r.ok)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m,
                     ls="--" if "BN/refit" in m else "-")
@@ -219,7 +201,7 @@ def save_compare(result: CompareResult) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(_csv_row(r) for r in result.rows)
-    _plot(result.rows, _base_score(result.base), result.name, paths["png"], result.base.metric)
+    _plot(result.rows, score_of(result.base), result.name, paths["png"], result.base.metric)
     return paths
 
 

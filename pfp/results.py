@@ -103,3 +103,19 @@ class RoundResult(_Result):
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return cls(method=method, target=target, keep_ratio=keep_ratio, round=round,
                    error=f"{type(error).__name__}: {first}")
+
+
+# Rows written before tasks existed carry only `acc`; these read either kind.
+def score_of(x: BaseInfo | RoundResult) -> float | None:
+    """The task's metric (after retraining, for a round); classification: accuracy in percent."""
+    return x.score if x.score is not None else x.acc
+
+
+def score_before_retrain(r: RoundResult) -> float | None:
+    """A round's metric before retraining."""
+    return r.score_before_retrain if r.score_before_retrain is not None else r.acc_before_retrain
+
+
+def change_of(r: RoundResult) -> float | None:
+    """How much better than the unpruned model (negative: worse), in the metric's direction."""
+    return r.score_change if r.score_change is not None else r.acc_change
