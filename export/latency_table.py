@@ -45,7 +45,7 @@ from pfp.config import LatencyTargetConfig
 from pfp.files import write_text_atomic
 from pfp.groups import PruningGraph, is_depthwise
 from pfp.hooks import eval_mode
-from pfp.latency_model import BlockLatency, LatencyModel
+from pfp.latency_model import BlockLatency, LatencyModel, LayerPair
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +198,49 @@ def _input_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, li
 
 def block_shapes(model: nn.Module, example_input: torch.Tensor, ignore_layers: Sequence[str] = ()) -> dict[str, BlockShape]:
     """Every prunable group of `model` (as pfp.prune finds them) -> the shape of its block."""
+    return blocks_and_pairs(model, example_input, ignore_layers)[0]
+
+
+def layer_flops(layer: LayerShape) -> float:
+    """Multiply-accumulates of one sample through `layer` at full width."""
+    if layer.kind == "linear":
+        return float(layer.in_dim * layer.out_dim)
+    _, h, w = layer.input_shape
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, p, d, k, s in zip((h, w), layer.padding, layer.dilation, layer.kernel, layer.stride)]
+    per_out = layer.kernel[0] * layer.kernel[1] * (1 if layer.kind == "depthwise" else layer.in_dim)
+    return float(max(out[0], 1) * max(out[1], 1) * layer.out_dim * per_out)
+
+
+def blocks_and_pairs(model: nn.Module, example_input: torch.Tensor,
+                     ignore_layers: Sequence[str] = ()) -> tuple[dict[str, BlockShape], list[LayerPair]]:
+    """The block shape of every group, and the layers that sit in two blocks (input of one
+    group, output of another) with their share of each block's FLOPs."""
     model = copy.deepcopy(model).cpu().eval()
     example_input = example_input[:1].cpu()
     graph = PruningGraph(model, example_input, list(ignore_layers))
     shapes = _input_shapes(model, example_input)
     modules = dict(model.named_modules())
     out: dict[str, BlockShape] = {}
+    as_producer: dict[str, tuple[str, float]] = {}  # layer -> (group, share of its block's FLOPs)
+    as_consumer: dict[str, tuple[str, float]] = {}
     for g in graph.groups:
         normed = len(g.norms) >= len(g.producers)
         producers = [_layer(p.module, shapes[p.name], out_group=len(p.out_idxs), norm=normed) for p in g.producers]
         dws = [_layer(modules[n], shapes[n], in_group=c, out_group=c) for n, d, c in g.members
                if is_depthwise(modules[n]) and n in shapes]
-        consumers = [_layer(c.module, shapes[c.name], in_group=len(c.in_idxs)) for c in g.consumers if c.name in shapes]
+        timed = [c for c in g.consumers if c.name in shapes]
+        consumers = [_layer(c.module, shapes[c.name], in_group=len(c.in_idxs)) for c in timed]
         out[g.name] = BlockShape(size=g.size, producers=producers, depthwise=dws, consumers=consumers)
-    return out
+        total = sum(layer_flops(x) for x in producers + dws + consumers) or 1.0
+        for p, shape in zip(g.producers, producers):
+            as_producer[p.name] = (g.name, layer_flops(shape) / total)
+        for c, shape in zip(timed, consumers):
+            as_consumer[c.name] = (g.name, layer_flops(shape) / total)
+    pairs = [LayerPair(layer=name, in_group=as_consumer[name][0], in_share=min(1.0, as_consumer[name][1]),
+                       out_group=grp, out_share=min(1.0, share))
+             for name, (grp, share) in as_producer.items() if name in as_consumer and as_consumer[name][0] != grp]
+    return out, pairs
 
 
 def _kept(full: int, in_group: int, size: int, k: int) -> int:
@@ -401,7 +430,7 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
     cache = Path(cache_dir or spec.cache_dir or DEFAULT_CACHE_DIR)
     cache.mkdir(parents=True, exist_ok=True)
     input_shape = list(example_input.shape[1:])
-    shapes = block_shapes(model, example_input, ignore_layers)
+    shapes, pairs = blocks_and_pairs(model, example_input, ignore_layers)
     blocks: dict[str, BlockLatency] = {}
     cached = 0
     with tempfile.TemporaryDirectory(prefix="pfp-latency-") as tmp:
@@ -435,7 +464,7 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
     log.info("latency table for %s batch %d %s: %d blocks (%d from the cache) in %.1f s, full model %.4g ms",
              spec.backend, spec.batch, spec.precision, len(blocks), cached, seconds, full_ms)
     return LatencyModel(backend=spec.backend, precision=spec.precision, batch=spec.batch, threads=spec.threads,
-                        machine=key, full_ms=full_ms, blocks=blocks, build_seconds=seconds, cached_blocks=cached)
+                        machine=key, full_ms=full_ms, blocks=blocks, pairs=pairs, build_seconds=seconds, cached_blocks=cached)
 
 
 def cache_size_bytes(cache_dir: str | Path) -> int:

@@ -88,6 +88,27 @@ def time_side_by_side(runners: Sequence[Runner], batch: int, threads: int | None
     return [float(np.median(t)) for t in times]
 
 
+def next_ask(tries: Sequence[LatencyTry], target: float) -> float:
+    """The keep ratio to ask the allocator for next, from what the tries asked and measured.
+
+    After one try: scaled by target / measured (the table was off by that factor). After
+    two or more: the secant through the last two tries that asked different ratios, when
+    the measured ratio rose with the asked one; a table that is off by more than a factor
+    (fixed costs it does not see) is then corrected in one step instead of creeping.
+    """
+    last = tries[-1]
+    proportional = last.keep_ratio * target / last.measured_ratio
+    prev = next((t for t in reversed(tries[:-1]) if abs(t.keep_ratio - last.keep_ratio) > 1e-6), None)
+    if prev is None:
+        return proportional
+    slope = (last.measured_ratio - prev.measured_ratio) / (last.keep_ratio - prev.keep_ratio)
+    if slope <= 0.05:  # noise or a floor: the secant would leap; stay with the factor
+        return proportional
+    secant = last.keep_ratio + (target - last.measured_ratio) / slope
+    # never further than a factor of 2 from the proportional step
+    return float(min(max(secant, proportional / 2), proportional * 2))
+
+
 def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *,
                      example_input: torch.Tensor, table: LatencyModel | None = None,
                      postprocess_loader=None, holdout_loader=None, device: str = "cpu", seed: int = 0,
@@ -99,7 +120,7 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
 
     `table` is the model's latency table (built here when None, through the cache). Returns
     the pruned model of the try closest to the target, its PruneReport and the report of
-    every try. PruneError when even the first try's target is below the floor the
+    every try; each try after the first asks for `next_ask` of the ones before. PruneError when even the first try's target is below the floor the
     protected layers allow; LatencyTableError for a backend or batch that cannot run.
     """
     if cfg.target != "latency" or cfg.latency is None:
@@ -153,8 +174,7 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
                 if abs(t.measured_ratio / keep_ratio - 1) <= spec.tolerance:
                     report.met = True
                     break
-                # the table was off by measured/predicted: ask for correspondingly more or less
-                corrected = asked * keep_ratio / t.measured_ratio
+                corrected = next_ask(report.tries, keep_ratio)
                 if corrected >= 1:
                     stop = " (the correction asks for no pruning at all)"
                     break

@@ -7,7 +7,13 @@ the whole model's latency at full width. The prediction for kept counts k_g is
     full_ms + sum_g (block_g(k_g) - block_g(size_g))
 
 so whatever a block's measurement adds around the group (its input, the layers shared with
-other groups) cancels. Between measured counts the block latency is interpolated on its
+other groups) cancels. A layer whose input belongs to one group and whose output to another
+(in a chain of convolutions, every layer but the first) is in both groups' blocks: each block
+saw it shrink along one side only, and a convolution's work is the product of its two widths,
+so the sum counts its saving twice where both shrink. Each such `LayerPair` adds back the
+product term s_in * s_out / layer_ms, with s_in and s_out the layer's share of each block's
+saving (its share of the block's FLOPs) and layer_ms its estimated full latency: the layer at
+(a, b) costs layer_ms * (1 + s_in/layer_ms) * (1 + s_out/layer_ms), not layer_ms + s_in + s_out. Between measured counts the block latency is interpolated on its
 non-decreasing envelope, and counts whose latencies differ by less than `step_tol` form one
 level: a staircase. Within a level the latency is flat, so keeping the largest count of the
 level costs nothing: `staircase_counts` are the candidate counts, and `round_up` moves a count
@@ -100,6 +106,18 @@ class BlockLatency(BaseModel):
         return int(k + above[-1]) if above.size else k
 
 
+class LayerPair(BaseModel):
+    """A layer timed in two blocks: its input width is `in_group`'s, its output width `out_group`'s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: str
+    in_group: str
+    in_share: float = Field(ge=0, le=1, description="the layer's share of in_group's block FLOPs")
+    out_group: str
+    out_share: float = Field(ge=0, le=1, description="the layer's share of out_group's block FLOPs")
+
+
 class LatencyModel(BaseModel):
     """A model's latency table on one backend: blocks by group name, and the full-width total."""
 
@@ -113,6 +131,7 @@ class LatencyModel(BaseModel):
     machine: dict = Field(default_factory=dict, description="the machine key the table was measured on")
     full_ms: float = Field(gt=0, description="the whole unpruned model, measured")
     blocks: dict[str, BlockLatency] = Field(default_factory=dict)
+    pairs: list[LayerPair] = Field(default_factory=list, description="layers shared by two blocks")
     build_seconds: float = 0.0
     cached_blocks: int = Field(0, ge=0, description="blocks read from the cache instead of measured")
 
@@ -126,7 +145,22 @@ class LatencyModel(BaseModel):
         unknown = [n for n in counts if n not in self.blocks]
         if unknown:
             raise KeyError(f"latency table has no block for group {unknown[0]!r}")
-        return self.full_ms + sum(self.block_delta(n, k) for n, k in counts.items())
+        deltas = {n: self.block_delta(n, k) for n, k in counts.items()}
+        return self.full_ms + sum(deltas.values()) + sum(self._interaction(p, deltas) for p in self.pairs)
+
+    def _interaction(self, pair: LayerPair, deltas: dict[str, float]) -> float:
+        """ms to add back for `pair`'s layer, counted as saved in both of its blocks."""
+        d_in, d_out = deltas.get(pair.in_group, 0.0), deltas.get(pair.out_group, 0.0)
+        if d_in >= 0 or d_out >= 0:
+            return 0.0
+        a, b = self.blocks[pair.in_group], self.blocks[pair.out_group]
+        # the layer's full latency, estimated from each block by its FLOPs share
+        layer_ms = 0.5 * (a.at(a.size) * pair.in_share + b.at(b.size) * pair.out_share)
+        if layer_ms <= 0:
+            return 0.0
+        s_in = max(d_in * pair.in_share, -layer_ms)
+        s_out = max(d_out * pair.out_share, -layer_ms)
+        return s_in * s_out / layer_ms
 
     def staircase_counts(self, name: str) -> list[int]:
         """Candidate counts of group `name`: the largest count at each latency level."""

@@ -17,14 +17,15 @@ from export.latency_table import (
     GridSettings,
     LatencyTableError,
     block_shapes,
+    blocks_and_pairs,
     build_latency_table,
     check_target,
     machine_key,
     measure_block,
 )
-from export.latency_target import prune_to_latency
+from export.latency_target import LatencyTry, next_ask, prune_to_latency
 from pfp.config import LatencyTargetConfig, PruneConfig
-from pfp.latency_model import BlockLatency, LatencyModel
+from pfp.latency_model import BlockLatency, LatencyModel, LayerPair
 from pfp.prune import PruneError, prune
 
 pytest.importorskip("onnxruntime")
@@ -96,6 +97,47 @@ def test_table_prediction_is_full_latency_plus_block_deltas():
     with pytest.raises(KeyError, match="'c'"):
         t.predict({"c": 1})
     assert LatencyModel.model_validate_json(t.model_dump_json()).predict({"a": 2}) == pytest.approx(8.0)
+
+
+def test_a_layer_in_two_blocks_is_not_saved_twice():
+    # A chain P -> C -> F: C's input is group a's, its output group b's. Latencies are linear
+    # in each width (p, c, f ms at full), so C at (a, b) costs c * a/A * b/B.
+    p, c, f, size = 2.0, 6.0, 1.0, 8
+    counts = list(range(1, size + 1))
+    block_a = BlockLatency(size=size, counts=counts, ms=[(p + c) * k / size for k in counts])
+    block_b = BlockLatency(size=size, counts=counts, ms=[(c + f) * k / size for k in counts])
+    pair = LayerPair(layer="c", in_group="a", in_share=c / (p + c), out_group="b", out_share=c / (c + f))
+    full = 10.0
+    t = LatencyModel(backend="ort-cpu", full_ms=full, blocks={"a": block_a, "b": block_b}, pairs=[pair])
+    for ka, kb in ((8, 8), (4, 8), (8, 2), (4, 4), (2, 6), (1, 1)):
+        truth = full - p - c - f + p * ka / size + c * ka / size * kb / size + f * kb / size
+        assert t.predict({"a": ka, "b": kb}) == pytest.approx(truth)
+    additive = t.model_copy(update={"pairs": []})
+    assert additive.predict({"a": 4, "b": 4}) < t.predict({"a": 4, "b": 4})  # the sum saves C twice
+    assert LatencyModel.model_validate_json(t.model_dump_json()) == t
+
+
+def test_the_builder_finds_the_layers_shared_by_two_blocks():
+    shapes, pairs = blocks_and_pairs(TinyNet(), _x())
+    assert set(shapes) == {"conv1", "conv2"}
+    assert [(q.layer, q.in_group, q.out_group) for q in pairs] == [("conv2", "conv1", "conv2")]
+    # conv2 is most of conv1's block (conv1 has 3 inputs, conv2 8) and most of conv2's (the fc is small)
+    assert 0.5 < pairs[0].in_share < 1 and 0.5 < pairs[0].out_share < 1
+
+
+def _try(asked: float, measured: float) -> LatencyTry:
+    return LatencyTry(keep_ratio=asked, predicted_ratio=asked, measured_ratio=measured, pruned_ms=measured,
+                      unpruned_ms=1.0, flops_ratio=asked)
+
+
+def test_the_next_ask_scales_first_then_follows_the_secant():
+    assert next_ask([_try(0.5, 0.8)], 0.5) == pytest.approx(0.5 * 0.5 / 0.8)
+    # measured = 0.4 + 0.6 * asked (fixed costs the table missed): the secant lands on the target
+    tries = [_try(0.5, 0.7), _try(0.5 * 0.5 / 0.7, 0.4 + 0.6 * 0.5 * 0.5 / 0.7)]
+    assert 0.4 + 0.6 * next_ask(tries, 0.55) == pytest.approx(0.55)
+    # a measurement that did not move with the ask: the proportional step, not a leap
+    flat = [_try(0.5, 0.7), _try(0.4, 0.7)]
+    assert next_ask(flat, 0.5) == pytest.approx(0.4 * 0.5 / 0.7)
 
 
 def test_block_table_rejects_inconsistent_rows():
