@@ -1,4 +1,4 @@
-"""Latency targets: ResNet20 pruned to a measured latency on ONNX Runtime CPU, against FLOPs targets.
+"""Latency targets: ResNet20/56 pruned to a measured latency on ONNX Runtime CPU, against FLOPs targets.
 
 For each batch size: build the latency table (build time, size on disk), then for each
 target prune with `prune.target: latency` (export.latency_target.prune_to_latency: table,
@@ -44,18 +44,18 @@ QUICK_MODEL = LatencySettings(warmup=3, warmup_s=0.05, min_iters=10, max_iters=3
 
 
 def base_model(args, data, console: Console) -> torch.nn.Module:
-    """The unpruned ResNet20: from --checkpoint, or trained briefly here."""
+    """The unpruned --model: from --checkpoint, or trained briefly here."""
     if args.checkpoint:
         model, _ = load_model(args.checkpoint, build_model)
         return model.eval()
     torch.manual_seed(0)
-    model = build_model("resnet20", num_classes=data.num_classes, in_channels=data.in_channels,
+    model = build_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         input_size=data.input_size)
     if args.train_epochs:
         cfg = load_config(HERE / "quality_resnet20.yaml", {"train.epochs": args.train_epochs}).train
         loader = make_loader(data.train, 128, shuffle=True)
         test = make_loader(data.test, 1000, shuffle=False)
-        console.print(f"training ResNet20 for {args.train_epochs} epochs on {len(data.train)} images")
+        console.print(f"training {args.model} for {args.train_epochs} epochs on {len(data.train)} images")
         train(model, loader, test, cfg, "cpu", progress=False)
     return model.eval()
 
@@ -92,8 +92,21 @@ def flops_at_latency(model, calib, method: str, want: float, spec, settings, x, 
     return best
 
 
+def accuracies(pruned, test, retrain) -> tuple[float, float | None]:
+    """(one-shot, after retraining) test accuracy; retraining works on a copy."""
+    one_shot = evaluate(pruned, test, "cpu")["acc"]
+    if retrain is None:
+        return one_shot, None
+    loader, cfg = retrain
+    model = copy.deepcopy(pruned)
+    torch.manual_seed(0)
+    train(model, loader, test, cfg, "cpu", progress=False)
+    return one_shot, evaluate(model, test, "cpu")["acc"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20", help="resnet20, resnet56 or any built-in model name")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--targets", default="0.5,0.3,0.15")
     ap.add_argument("--threads", type=int, default=1)
@@ -102,6 +115,7 @@ def main() -> None:
     ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--limit-train", type=int, default=6000)
     ap.add_argument("--limit-test", type=int, default=1000)
+    ap.add_argument("--retrain-epochs", type=int, default=1, help="the same retraining for every pruned model (0: none)")
     ap.add_argument("--calib", type=int, default=256, help="images for scores and post-processing")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="short timings and a coarse grid (smoke runs)")
@@ -121,7 +135,11 @@ def main() -> None:
     post = make_loader(post_ds, 128, shuffle=False)
     x = xs[:1]
     base_acc = evaluate(model, test, "cpu")["acc"]
-    console.print(f"unpruned ResNet20: accuracy {base_acc:.2f}% on {len(data.test)} test images")
+    retrain = None
+    if args.retrain_epochs:
+        rcfg = load_config(HERE / "quality_resnet20.yaml", {"retrain.epochs": args.retrain_epochs}).retrain
+        retrain = (make_loader(data.train, 128, shuffle=True), rcfg)
+    console.print(f"unpruned {args.model}: accuracy {base_acc:.2f}% on {len(data.test)} test images")
 
     grid = GridSettings(dense_upto=16, coarse_points=8, max_points=14) if args.quick else GridSettings()
     block_settings, model_settings = (QUICK_BLOCK, QUICK_MODEL) if args.quick else (None, None)
@@ -152,8 +170,8 @@ def main() -> None:
                 measured = rep.best_ratio
                 row = {"batch": batch, "target": target, "table_s": build_s, "table_bytes": size,
                        "measured": measured, "measured_over_target": measured / target, "met": rep.met,
-                       "tries": len(rep.tries), "latency_acc": evaluate(pruned, test, "cpu")["acc"],
-                       "latency_flops": prep.flops / prep.original_flops}
+                       "tries": len(rep.tries), "latency_flops": prep.flops / prep.original_flops}
+                row["latency_acc"], row["latency_acc_retrained"] = accuracies(pruned, test, retrain)
                 for method in ("pfp", "tp_magnitude"):
                     got = flops_at_latency(model, calib, method, measured, spec,
                                            side.model_copy(update={"threads": args.threads}), x, post, workdir,
@@ -162,24 +180,30 @@ def main() -> None:
                         row[f"{method}_flops_acc"] = None
                         continue
                     p, m, f = got
-                    row[f"{method}_flops_acc"] = evaluate(p, test, "cpu")["acc"]
+                    row[f"{method}_flops_acc"], row[f"{method}_flops_acc_retrained"] = accuracies(p, test, retrain)
                     row[f"{method}_flops_measured"] = m
                     row[f"{method}_flops_flops"] = f
                 rows.append(row)
+                console.print(json.dumps(row))  # each point as it lands: a long run shows progress
 
-    t = Table(title=f"ResNet20, ort-cpu {args.threads} thread(s): latency target vs FLOPs target at the same "
+    t = Table(title=f"{args.model}, ort-cpu {args.threads} thread(s): latency target vs FLOPs target at the same "
                     f"measured latency (unpruned accuracy {base_acc:.2f}%)", title_justify="left")
     for col in ("batch", "target", "table s", "table KiB", "measured", "meas/target", "tries", "acc latency",
-                "acc pfp@flops (lat)", "acc tp_magnitude@flops (lat)"):
+                "acc pfp@flops (lat)", "acc tp_magnitude@flops (lat)", "retrained: latency / pfp / tp"):
         t.add_column(col, justify="right")
     for r in rows:
         def acc(m: str) -> str:
             a = r.get(f"{m}_flops_acc")
             return "-" if a is None else f"{a:.2f}% ({r[f'{m}_flops_measured']:.3f})"
 
+        def retrained(r: dict) -> str:
+            vals = [r.get(k) for k in ("latency_acc_retrained", "pfp_flops_acc_retrained",
+                                       "tp_magnitude_flops_acc_retrained")]
+            return " / ".join("-" if v is None else f"{v:.2f}" for v in vals)
+
         t.add_row(str(r["batch"]), f"{r['target']:.2f}", f"{r['table_s']:.1f}", f"{r['table_bytes'] / 1024:.1f}",
                   f"{r['measured']:.3f}", f"{r['measured_over_target']:.3f}", str(r["tries"]),
-                  f"{r['latency_acc']:.2f}%", acc("pfp"), acc("tp_magnitude"))
+                  f"{r['latency_acc']:.2f}%", acc("pfp"), acc("tp_magnitude"), retrained(r))
     console.print(t)
     if args.json:
         args.json.write_text(json.dumps({"base_accuracy": base_acc, "rows": rows}, indent=2))
