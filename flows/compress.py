@@ -1,5 +1,6 @@
 """The compress flow: calibrate -> (prune -> retrain -> evaluate -> log) per keep ratio ->
-export -> benchmark on the backends -> gate -> register.
+export -> benchmark on the backends -> gate -> register. With prune.target latency the rounds
+are wrapped in pulling and pushing the device class's latency tables (flows.latency_tables).
 
     pfp run [CONFIG]            (no CONFIG: the CPU quickstart)
 
@@ -343,6 +344,24 @@ def log_bundle_task(run_id: str, bundle: BundleInfo) -> None:
     client = MlflowClient()
     client.log_artifact(run_id, str(Path(bundle.bundle) / "model.onnx"), "onnx")
     client.log_metric(run_id, "parity.max_rel_diff", bundle.parity_max_rel_diff)
+
+
+@task(name="pull-latency-tables", task_run_name="pull latency tables", cache_policy=NO_CACHE,
+      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_transient)
+def pull_tables_task(cache_dir: str) -> int:
+    """Block timings this device class already measured, from MLflow into the table cache."""
+    from flows.latency_tables import pull_tables
+
+    return pull_tables(cache_dir)
+
+
+@task(name="push-latency-tables", task_run_name="push latency tables", cache_policy=NO_CACHE,
+      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_transient)
+def push_tables_task(cache_dir: str) -> int:
+    """Block timings measured here, from the table cache to MLflow for the device class's other hosts."""
+    from flows.latency_tables import push_tables
+
+    return push_tables(cache_dir)
 
 
 def latency_points(bench: BenchmarkResult, label: str) -> list[LatencyPoint]:
@@ -758,7 +777,12 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
                 client.set_tag(run_id, k, v)
         logger.info(f"base model {base.base_path}: test {base.metric} {score_of(base):.4g}, |S| = {base.calib_size}")
 
+        tables = steps.latency_cache_dir(cfg)  # target latency: the device class's tables, shared in MLflow
+        if tables:
+            pull_tables_task(tables)
         rows, round_runs = _prune_rounds(cfg, parent_id, tags, run_dir, plots, cached, work)
+        if tables:
+            push_tables_task(tables)
         run_ids |= round_runs
         chosen = choose(score_of(base), rows, cfg.prune.tolerance, cfg.prune.target,
                         higher_is_better=base.higher_is_better)

@@ -43,6 +43,16 @@ def iterate(cfg: PipelineConfig, index: int, parent: str | None, *, progress: bo
     return row.model_copy(update={"task_seconds": time.perf_counter() - start})
 
 
+def latency_cache_dir(cfg: PipelineConfig) -> str | None:
+    """The latency table cache the rounds' pruner uses (prune.target latency, rounds run in
+    this process); None otherwise: a dispatched round builds its tables on its worker."""
+    if cfg.prune.target != "latency" or cfg.dispatch.iteration:
+        return None
+    from export.latency_table import DEFAULT_CACHE_DIR  # torch and the backends: only for latency targets
+
+    return str(cfg.prune.latency.cache_dir or DEFAULT_CACHE_DIR)
+
+
 def export_model(cfg: PipelineConfig, model_path: str, out_dir: str) -> BundleInfo:
     """Bundle `model_path` into `out_dir` (ONNX, checks, parity on the test set).
 

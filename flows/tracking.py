@@ -181,13 +181,20 @@ def setup_mlflow(uri: str, experiment: str) -> str:
         os.environ.pop(_ENV, None)
     else:
         os.environ[_ENV] = previous
+    experiment_id = ensure_experiment(experiment)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
-    db = sqlite_path(uri)
+
+def ensure_experiment(experiment: str, client: MlflowClient | None = None) -> str:
+    """The id of `experiment` in the current tracking store, created (artifacts next to a
+    sqlite db, as setup_mlflow) or restored as needed; the active experiment is left as it is."""
+    client = client or MlflowClient()
+    db = sqlite_path(client.tracking_uri)
     artifacts = None
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifacts = str(db.parent / "mlartifacts" / _slug(experiment))
-    client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:
@@ -204,7 +211,6 @@ def setup_mlflow(uri: str, experiment: str) -> str:
     # MLflow 3 opens experiments in its GenAI view unless told this is model training.
     if (exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) is None):
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
-    mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
 
@@ -379,7 +385,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 __all__ = [
-    "MAX_PARAM_VAL_LENGTH", "TrackingError", "check_tracking_server", "end_running_runs", "flatten_params",
+    "MAX_PARAM_VAL_LENGTH", "TrackingError", "check_tracking_server", "end_running_runs", "ensure_experiment",
+    "flatten_params",
     "is_transient", "log_metrics_at", "resolve_tracking_uri", "run_tags", "setup_mlflow", "sigterm_raises",
     "sqlite_path", "sqlite_uri", "tracked_run",
 ]
