@@ -72,6 +72,8 @@ class GridSettings(BaseModel):
     coarse_points: int = Field(12, ge=2, description="wider groups: counts on an even grid first")
     max_points: int = Field(28, ge=2, description="measurements per block at most, refinement included")
     step_tol: float = Field(0.05, ge=0, lt=1, description="relative latency jump that marks a step to refine")
+    negligible: float = Field(0.02, ge=0, lt=1, description="a block whose whole range (1 channel to all) is "
+                              "below this share of the model's latency is timed at those two counts only")
 
 
 class LayerShape(BaseModel):
@@ -391,13 +393,25 @@ def time_module(backend: Backend, module: nn.Module, input_shape: Sequence[int],
         runner.close()
 
 
-def measure_block(shape: BlockShape, time_at: Callable[[int], float], grid: GridSettings) -> BlockLatency:
-    """Time a block at the grid's counts, refining between counts across a step; returns its table row."""
+def measure_block(shape: BlockShape, time_at: Callable[[int], float], grid: GridSettings,
+                  negligible_ms: float = 0.0) -> BlockLatency:
+    """Time a block at the grid's counts, refining between counts across a step; returns its table row.
+
+    The ends come first: a block whose range (1 channel to all) is below `negligible_ms` cannot
+    move the model's latency, so its staircases are not worth the measurements.
+    """
     n = shape.size
+    ms = {n: time_at(n)}
+    if n > 1:
+        ms[1] = time_at(1)
+        if ms[n] - ms[1] < negligible_ms:
+            return BlockLatency(size=n, counts=[1, n], ms=[ms[1], ms[n]], step_tol=grid.step_tol)
     if n <= grid.dense_upto:
-        counts = list(range(1, n + 1))
-        return BlockLatency(size=n, counts=counts, ms=[time_at(k) for k in counts], step_tol=grid.step_tol)
-    ms = {int(k): time_at(int(k)) for k in sorted({round(v) for v in np.linspace(1, n, grid.coarse_points)})}
+        ms.update({k: time_at(k) for k in range(2, n)})
+        return BlockLatency(size=n, counts=list(range(1, n + 1)), ms=[ms[k] for k in range(1, n + 1)],
+                            step_tol=grid.step_tol)
+    ms.update({int(k): time_at(int(k)) for k in sorted({round(v) for v in np.linspace(1, n, grid.coarse_points)})
+               if int(k) not in ms})
     while len(ms) < grid.max_points:
         ks = sorted(ms)
         gaps = [(ms[b] / max(ms[a], 1e-12) - 1, b - a, a, b) for a, b in zip(ks, ks[1:])
@@ -442,6 +456,9 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
             fields = _key_fields(shape, spec, grid)
             with FileLock(str(path) + ".lock"):  # one builder per block: a fleet's hosts may share the dir
                 block = _read_cache(path, fields, key)
+                if block is not None and len(block.counts) == 2 < block.size and \
+                        block.ms[-1] - block.ms[0] >= 2 * grid.negligible * full_ms:
+                    block = None  # only its ends were timed, for a model where it hardly counted (2x: not on noise)
                 hit = block is not None
                 if block is None:
                     t0 = time.perf_counter()
@@ -451,7 +468,7 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
                         return time_module(backend, BlockModule(shape, k), shape.producers[0].input_shape, spec,
                                            block_settings or BLOCK_SETTINGS, workdir, f"block{i}_{k}")
 
-                    block = measure_block(shape, time_at, grid)
+                    block = measure_block(shape, time_at, grid, negligible_ms=grid.negligible * full_ms)
                     write_text_atomic(path, json.dumps({"format": CACHE_FORMAT, "key": fields, "machine": key,
                                                         "machine_summary": machine_summary(desc),
                                                         "seconds": time.perf_counter() - t0,

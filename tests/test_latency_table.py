@@ -31,7 +31,7 @@ from pfp.prune import PruneError, prune
 pytest.importorskip("onnxruntime")
 
 FAST = LatencySettings(warmup=1, warmup_s=0.0, min_iters=3, max_iters=20, min_time_s=0.0, max_time_s=0.05)
-GRID = GridSettings(dense_upto=4, coarse_points=4, max_points=6)  # few exports: the tests stay quick
+GRID = GridSettings(dense_upto=4, coarse_points=4, max_points=6, negligible=0.0)  # few exports; every block timed
 
 
 class TinyNet(nn.Module):
@@ -326,3 +326,18 @@ def test_prune_to_latency_measures_and_corrects(built):
 def test_prune_to_latency_needs_target_latency():
     with pytest.raises(LatencyTableError, match="prune.target"):
         prune_to_latency(TinyNet().eval(), _calib(), PruneConfig(), 0.5, example_input=_x())
+
+
+def test_a_negligible_block_is_timed_at_its_ends_only():
+    calls = []
+
+    def time_at(k: int) -> float:
+        calls.append(k)
+        return 1.0 + 0.001 * k
+
+    shape = block_shapes(TinyNet(), _x())["conv1"].model_copy(update={"size": 100})
+    b = measure_block(shape, time_at, GridSettings(dense_upto=8, coarse_points=5, max_points=20), negligible_ms=0.5)
+    assert sorted(calls) == [1, 100] and b.counts == [1, 100]
+    calls.clear()
+    b = measure_block(shape, time_at, GridSettings(dense_upto=8, coarse_points=5, max_points=20), negligible_ms=0.01)
+    assert len(b.counts) >= 5 and len(calls) == len(set(calls))  # it matters here: the grid, no count twice

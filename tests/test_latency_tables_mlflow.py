@@ -27,7 +27,7 @@ pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 
 FAST = LatencySettings(warmup=1, warmup_s=0.0, min_iters=3, max_iters=20, min_time_s=0.0, max_time_s=0.05)
-GRID = GridSettings(dense_upto=4, coarse_points=4, max_points=6)
+GRID = GridSettings(dense_upto=4, coarse_points=4, max_points=6, negligible=0.0)
 SPEC = LatencyTargetConfig(backend="ort-cpu", batch=1, threads=1)
 
 
