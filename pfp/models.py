@@ -179,6 +179,9 @@ class VGG(nn.Module):
 
 
 VGG_SMALL_CFG: list[int | str] = [32, 32, "M", 64, 64, "M", 128, 128, "M"]  # VGG-style, CPU-sized
+# The quickstart's model: small enough to train in seconds on 2 cores, wide enough that its
+# convolutions, not per-operator overheads, set its latency (so pruning can pay).
+VGG_TINY_CFG: list[int | str] = [16, 16, "M", 32, 32, "M", 64, 64, "M"]
 
 # Our architectures by config name: (num_classes, in_channels, input_size) -> model.
 OUR_MODELS = {
@@ -189,6 +192,7 @@ OUR_MODELS = {
     "resnet110": lambda k, c, s: CifarResNet(110, k, c),
     "vgg16_bn": lambda k, c, s: VGG(VGG16_CFG, k, c, s),
     "vgg_small": lambda k, c, s: VGG(VGG_SMALL_CFG, k, c, s),
+    "vgg_tiny": lambda k, c, s: VGG(VGG_TINY_CFG, k, c, s),
 }
 
 
