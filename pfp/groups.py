@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -56,9 +56,37 @@ def _opaque_channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return ChannelShuffleOp.apply(x, groups)
 
 
+class WindowAttentionOp(torch.autograd.Function):
+    """Swin's shifted-window attention as one autograd node, for tracing only.
+
+    Traced as written (pad, roll, window partition and merge, per-head reshapes), it stalls
+    Torch-Pruning's index mapping for minutes even on a tiny Swin. Its width and head count are
+    fixed anyway (`_ATTENTION_TYPES`), so the tracer needs only where the tensor flows: one
+    node, and every group whose channels reach it is kept whole (see `_is_opaque_attention`).
+    The weights are taken as constants; the graph is never differentiated.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # noqa: ARG004
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ARG004
+        raise RuntimeError("WindowAttentionOp is a tracing stand-in; it has no gradient")
+
+
+def _opaque_window_attention(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: A002 - torchvision's name
+    from torchvision.models import swin_transformer  # noqa: PLC0415 - only reached while tracing a Swin
+
+    original = _ORIGINALS[(swin_transformer.__name__, "shifted_window_attention")]
+    return WindowAttentionOp.apply(input, lambda x: original(x, *args, **kwargs))
+
+
 # Functions that Torch-Pruning cannot trace, swapped for a one-node version while the graph
 # is built: (module, attribute, stand-in). The model itself is never modified.
-TRACE_STAND_INS = [("torchvision.models.shufflenetv2", "channel_shuffle", _opaque_channel_shuffle)]
+TRACE_STAND_INS = [("torchvision.models.shufflenetv2", "channel_shuffle", _opaque_channel_shuffle),
+                   ("torchvision.models.swin_transformer", "shifted_window_attention", _opaque_window_attention)]
+_ORIGINALS: dict[tuple[str, str], Callable] = {}  # what trace_stand_ins swapped out, for the stand-ins to call
 
 # Attention blocks that reshape by a head count and a width they store (torchvision's ViT
 # reads `hidden_dim`, Swin `num_heads`): the channels of their inputs and outputs are kept.
@@ -77,6 +105,7 @@ def trace_stand_ins() -> Iterator[None]:
             mod = sys.modules.get(mod_name)
             if mod is not None and hasattr(mod, attr):
                 saved.append((mod, attr, getattr(mod, attr)))
+                _ORIGINALS[(mod_name, attr)] = getattr(mod, attr)
                 setattr(mod, attr, stand_in)
         yield
     finally:
@@ -183,6 +212,8 @@ class PruningGraph:
                 mod = dep.target.module
                 if _is_shuffle(dep.target):
                     skip_reason = "its channels go through a channel shuffle (kept whole: the shuffle ties them across branches)"
+                if _is_opaque_attention(dep.target) and not skip_reason:
+                    skip_reason = "its channels enter or leave a window attention (head count and width are fixed there)"
                 if not isinstance(mod, nn.Module) or mod not in self._names:
                     continue
                 name = self._names[mod]
@@ -286,9 +317,17 @@ class PruningGraph:
             group.prune()
 
 
-def _is_shuffle(node) -> bool:
+def _node_is(node, op: type) -> bool:
     fn = getattr(node, "grad_fn", None)
-    return fn is not None and hasattr(fn, "name") and fn.name().startswith(ChannelShuffleOp.__name__)
+    return fn is not None and hasattr(fn, "name") and fn.name().startswith(op.__name__)
+
+
+def _is_shuffle(node) -> bool:
+    return _node_is(node, ChannelShuffleOp)
+
+
+def _is_opaque_attention(node) -> bool:
+    return _node_is(node, WindowAttentionOp)
 
 
 def kept_indices(groups: list[ChannelGroup], keep: dict[int, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

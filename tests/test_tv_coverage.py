@@ -63,3 +63,29 @@ def test_vit_prunes_mlp_hidden_units_and_keeps_its_width():
         assert layer.mlp[0].out_features < 256 and layer.mlp[3].in_features == layer.mlp[0].out_features
         assert layer.self_attention.embed_dim == 32
     assert any("attention block" in why for _, why in rep.skipped)
+
+
+def test_swin_prunes_mlp_hidden_units_and_keeps_its_width():
+    from torchvision.models import swin_transformer
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    original = swin_transformer.shifted_window_attention
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=10).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # attention is most of a 16-wide Swin at 32 px: half its FLOPs are below what the MLPs can give
+    pruned, rep, _ = prune(model, [(x, torch.zeros(4, dtype=torch.long))],
+                           PruneConfig(method="pfp", keep_ratios=[0.6]), 0.6, example_input=x[:1])
+    with torch.no_grad():
+        out = pruned.eval()(x[:2])
+    assert out.shape == (2, 10)
+    assert rep.flops / rep.original_flops == pytest.approx(0.6, rel=0.02)
+    assert swin_transformer.shifted_window_attention is original  # swapped only while tracing
+    mods = dict(pruned.named_modules())
+    assert any(mods[f"features.{s}.{b}.mlp.0"].out_features < 64 for s in (1, 3) for b in (0, 1))
+    for s in (1, 3):  # the width and heads of every attention stay
+        for b in (0, 1):
+            attn = mods[f"features.{s}.{b}.attn"]
+            assert attn.qkv.in_features == attn.proj.out_features == (16 if s == 1 else 32)
+    reasons = " ".join(why for _, why in PruningGraph(model, x[:1]).skipped)
+    assert "window attention" in reasons
