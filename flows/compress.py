@@ -755,6 +755,8 @@ def compress_flow(config: PipelineConfig | None = None, config_path: str | None 
     sigterm_raises()
     for run_id in _fail_orphaned_runs(client, experiment_id, config_hash):
         logger.warning(f"MLflow run {run_id} was left RUNNING by a process that died; marked FAILED")
+    for line in cfg.latency_target_mismatches():
+        logger.warning(line)
 
     with tracked_run(f"{cfg.name}: {cfg.model.name} {cfg.prune.method} cascade", params=_params_in_use(cfg),
                      tags={"pfp.config_hash": config_hash, "pfp.flow": "compress", "pfp.host": socket.gethostname(),

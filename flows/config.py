@@ -176,6 +176,28 @@ class PipelineConfig(RunConfig):
                 )
         return self
 
+    def latency_target_mismatches(self) -> list[str]:
+        """One line per gate latency check timed otherwise than prune.latency pruned for.
+
+        Pruned for 1 thread, a model can gain 2.4x there and 1.4x on 2 threads (the quickstart,
+        measured): a gate on other settings judges a target the rounds did not aim at.
+        """
+        spec = self.prune.latency
+        if self.prune.target != "latency" or spec is None:
+            return []
+        lines = []
+        for i, check in enumerate(self.gate.latency):
+            if check.target not in {b.name for b in self.backends}:
+                continue  # a gate device: its own hardware, by design
+            b = self.backend(check.target)
+            theirs = (b.backend, b.threads, b.precision, check.batch)
+            ours = (spec.backend, spec.threads, spec.precision, spec.batch)
+            if theirs != ours:
+                lines.append(f"gate.latency.{i}: backend {b.name!r} times {b.backend} threads={b.threads} "
+                             f"{b.precision} batch {check.batch}, but prune.latency pruned for {spec.backend} "
+                             f"threads={spec.threads} {spec.precision} batch {spec.batch}")
+        return lines
+
     def backend(self, name: str) -> BackendConfig:
         """The benchmark backend called `name` (KeyError naming it if there is none)."""
         for b in self.backends:

@@ -375,3 +375,12 @@ def test_project_logs_reach_the_prefect_flow_run_logs():
     messages = {(log.name, log.message) for log in logs}
     assert ("pfp.some_module", "a line from pfp inside a flow") in messages
     assert not any("debug line" in m for _, m in messages)
+
+
+def test_a_gate_timed_otherwise_than_the_latency_target_is_named():
+    from flows.config import load_pipeline_config
+
+    assert load_pipeline_config(None).latency_target_mismatches() == []  # the quickstart gates what it pruned for
+    cfg = load_pipeline_config(None, {"backends": [{"name": "local-cpu", "backend": "ort-cpu", "batch_sizes": [1, 32]}]})
+    lines = cfg.latency_target_mismatches()
+    assert len(lines) == 1 and lines[0].startswith("gate.latency.0: backend 'local-cpu'") and "threads=None" in lines[0]
