@@ -30,7 +30,7 @@ from rich.table import Table
 
 from export.latency import LatencySettings
 from export.latency_table import GridSettings, build_latency_table, cache_size_bytes, check_target, load_runner
-from export.latency_target import SIDE_BY_SIDE, time_side_by_side, prune_to_latency
+from export.latency_target import SIDE_BY_SIDE, LatencyTry, next_ask, prune_to_latency, time_side_by_side
 from pfp.config import LatencyTargetConfig, PruneConfig, load_config
 from pfp.data import build_data, make_loader, split_calibration
 from pfp.models import build_model
@@ -77,7 +77,7 @@ def measured_ratio(model, pruned, spec: LatencyTargetConfig, settings: LatencySe
 def flops_at_latency(model, calib, method: str, want: float, spec, settings, x, post, workdir, tries: int):
     """A FLOPs-targeted prune whose measured latency ratio is closest to `want` within `tries`."""
     cfg = PruneConfig(method=method, target="flops", calib_size=len(calib[0][0]))
-    ask, best = want, None
+    ask, best, seen = want, None, []
     for _ in range(tries):
         try:
             pruned, rep, _ = prune(model, calib, cfg, min(ask, 0.99), example_input=x, postprocess_loader=post)
@@ -88,7 +88,9 @@ def flops_at_latency(model, calib, method: str, want: float, spec, settings, x, 
             best = (pruned, m, rep.flops / rep.original_flops)
         if abs(m / want - 1) <= spec.tolerance:
             break
-        ask = ask * want / m  # latency falls slower than FLOPs: ask for fewer FLOPs
+        seen.append(LatencyTry(keep_ratio=ask, predicted_ratio=ask, measured_ratio=m, pruned_ms=m, unpruned_ms=1.0,
+                               flops_ratio=rep.flops / rep.original_flops))
+        ask = next_ask(seen, want)  # the latency target's own correction: the same loop for every method
     return best
 
 
