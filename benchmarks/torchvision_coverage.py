@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model, measured in its own process")
     ap.add_argument("--rows", default="", help="JSON-lines file: append rows, skip models already in it")
     ap.add_argument("--json", default="", help="write the summary (rows, pass rate, models not run) here")
+    ap.add_argument("--skip", default="", help="comma-separated names not to run (listed as not run)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -107,6 +108,8 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--only: {unknown[0]!r} is not a torchvision classification model")
         names = [n for n in all_names if n in wanted]
+    skip = set(filter(None, args.skip.split(",")))
+    names = [n for n in names if n not in skip]
     rows = []
     if args.rows:
         try:
