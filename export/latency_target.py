@@ -145,17 +145,31 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
         workdir = Path(tmp)
         unpruned = load_runner(backend, copy.deepcopy(reference_model).cpu(), input_shape, spec, workdir, "unpruned")
         try:
+            def attempt(ratio: float) -> tuple[nn.Module, PruneReport]:
+                pruned, prep, _ = prune(model, calib_loader, cfg, ratio, example_input=example_input,
+                                        postprocess_loader=postprocess_loader, holdout_loader=holdout_loader,
+                                        device=device, seed=seed, latency_model=table, reference=reference,
+                                        divergence=divergence)
+                return pruned, prep
+
+            floor_tried = False
             for i in range(spec.tries):
                 try:
-                    pruned, prep, _ = prune(model, calib_loader, cfg, asked, example_input=example_input,
-                                            postprocess_loader=postprocess_loader, holdout_loader=holdout_loader,
-                                            device=device, seed=seed, latency_model=table, reference=reference,
-                                            divergence=divergence)
+                    pruned, prep = attempt(asked)
                 except PruneError as e:
                     if i == 0:
                         raise
-                    stop = f" (the corrected target {asked:.3g} cannot be pruned to: {e})"
-                    break
+                    if e.floor is None or floor_tried or e.floor * 1.001 >= 1:
+                        stop = f" (the corrected target {asked:.3g} cannot be pruned to: {e})"
+                        break
+                    # the floor is the table's prediction too: measure the most it can prune instead
+                    log.info("corrected target %.3g is below the table's floor %.3g: trying the floor", asked, e.floor)
+                    asked, floor_tried = e.floor * 1.001, True
+                    try:
+                        pruned, prep = attempt(asked)
+                    except PruneError as again:
+                        stop = f" (the table's floor {asked:.3g} cannot be pruned to: {again})"
+                        break
                 runner = load_runner(backend, copy.deepcopy(pruned).cpu(), input_shape, spec, workdir, f"pruned{i}")
                 try:
                     p_ms, u_ms = time_side_by_side([runner, unpruned], spec.batch, spec.threads, settings, rounds)

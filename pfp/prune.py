@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 class PruneError(CoreError, ValueError):
-    """A pruning request that cannot be met (names the limit)."""
+    """A pruning request that cannot be met (names the limit).
+
+    `floor` is the smallest reachable share of the reference when the target was below it
+    (None for other limits), so a caller correcting its target can ask for the floor instead.
+    """
+
+    def __init__(self, message: str, floor: float | None = None) -> None:
+        super().__init__(message)
+        self.floor = floor
 
 
 @dataclass
@@ -326,7 +334,8 @@ def prune(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *
         raise PruneError(
             f"target {cfg.target} {keep_ratio:.4g} x reference = {fmt(target_value)} is below the smallest "
             f"reachable {fmt(floor)} (floor {floor / ref_value:.2%} of the reference) with protected "
-            f"layers, min_channels={mn}" + ("" if on_latency else f" and round_to={mult}")
+            f"layers, min_channels={mn}" + ("" if on_latency else f" and round_to={mult}"),
+            floor=floor / ref_value,
         )
     allocation = cfg.allocation or method.allocation
     probe = None

@@ -313,14 +313,40 @@ def test_prune_to_latency_measures_and_corrects(built):
     assert 1 <= len(report.tries) <= 3
     first = report.tries[0]
     assert first.keep_ratio == 0.7 and first.measured_ratio > 0 and first.unpruned_ms > 0
-    for a, b in zip(report.tries, report.tries[1:]):  # each retry corrects by the measured factor
-        assert b.keep_ratio == pytest.approx(a.keep_ratio * 0.7 / a.measured_ratio)
+    for j in range(1, len(report.tries)):  # each retry asks what next_ask makes of the tries before
+        assert report.tries[j].keep_ratio == pytest.approx(next_ask(report.tries[:j], 0.7)) \
+            or report.tries[j].keep_ratio > next_ask(report.tries[:j], 0.7)  # or the table's floor
+    if len(report.tries) > 1:
+        assert report.tries[1].keep_ratio == pytest.approx(0.7 * 0.7 / first.measured_ratio) \
+            or report.tries[1].keep_ratio > 0.7 * 0.7 / first.measured_ratio
     assert report.met == (abs(report.tries[report.best_try].measured_ratio / 0.7 - 1) <= 0.05)
     assert report.best_ratio == report.tries[report.best_try].measured_ratio
     assert "\n" not in report.message and ("met on ort-cpu" in report.message or "best measured" in report.message)
     assert report.met or len(report.tries) == 3 or "cannot" in report.message or "no pruning" in report.message
     assert prep.latency_ms == pytest.approx(report.tries[report.best_try].predicted_ratio * table.full_ms)
     assert isinstance(pruned, nn.Module)
+
+
+def test_a_correction_below_the_tables_floor_tries_the_floor_once(built):
+    _, _, spec = built
+    model = TinyNet().eval()
+    table = _staircase_table(model)  # floor 4 of 7 ms: 0.571
+    with pytest.raises(PruneError) as floor:
+        prune(model, _calib(), PruneConfig(target="latency", calib_size=64), 0.3, example_input=_x(),
+              latency_model=table)
+    assert floor.value.floor == pytest.approx(4 / 7)
+    cfg = PruneConfig(method="pfp", target="latency", calib_size=64,
+                      latency=spec.model_copy(update={"tries": 3, "tolerance": 0.01}))
+    _, _, report = prune_to_latency(model, _calib(), cfg, 0.6, example_input=_x(), table=table, settings=FAST,
+                                    rounds=2)
+    first = report.tries[0]
+    if report.met or next_ask([first], 0.6) >= 4 / 7:
+        pytest.skip("the first try measured close enough that no correction fell below the floor")
+    # the correction fell below the floor: the next try is the floor itself, and only once
+    assert report.tries[1].keep_ratio == pytest.approx(4 / 7 * 1.001)
+    assert sum(t.keep_ratio == pytest.approx(4 / 7 * 1.001) for t in report.tries) == 1
+    assert len(report.tries) == 2 or report.tries[2].keep_ratio > 4 / 7
+    assert "\n" not in report.message
 
 
 def test_prune_to_latency_needs_target_latency():
