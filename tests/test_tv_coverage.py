@@ -1,6 +1,7 @@
-"""torchvision architectures Torch-Pruning cannot take as they are: ShuffleNetV2's channel shuffle
-and the attention blocks of ViT (a stored hidden_dim and head count). Each is pruned to half its
-FLOPs, still runs, and keeps its output shape; what is left whole is named with the reason."""
+"""torchvision architectures Torch-Pruning cannot take as they are: ShuffleNetV2's channel shuffle,
+Swin's window attention (traced as one node) and the attention blocks of ViT (a stored
+hidden_dim and head count). Each is pruned (to half its FLOPs where attention leaves room),
+still runs, and keeps its output shape; what is left whole is named with the reason."""
 from __future__ import annotations
 
 import pytest
