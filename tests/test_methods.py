@@ -171,6 +171,28 @@ def test_pfp_drops_a_duplicated_channel_first(calib):
     assert sorted(rank.tolist()) == list(range(6))
 
 
+def test_wide_groups_are_eliminated_in_steps_that_keep_the_order(calib):
+    from pfp.grams import consumer_grams
+    from pfp.selection import Elimination, refit_ranking
+
+    model = _two_conv((1, 4))
+    graph = PruningGraph(model, X1)
+    g = next(g for g in graph.groups if g.name == "0")
+    grams = consumer_grams(model, {c.name: c.module for c in g.consumers}, calib, "cpu")
+    sens = pfp_sensitivity(model, graph.groups, calib, "cpu", aggregate="weighted").scores
+    exact = refit_ranking([g], sens, grams, ridge=1e-9)[g.gid]
+    stepped = refit_ranking([g], sens, grams, ridge=1e-9, exact_upto=2)[g.gid]  # 6 wide: 3 go in the first step
+    assert sorted(stepped.tolist()) == list(range(6))
+    assert torch.equal(refit_ranking([g], sens, grams, ridge=1e-9, exact_upto=4)[g.gid], exact)  # 6 // 4 = 1
+    # the first step drops the three lowest rises of the unpruned state, lowest first
+    (name,) = {c.name for c in g.consumers}
+    pairs = torch.cat([torch.stack([c.in_idxs, c.root_idxs], 1) for c in g.consumers])
+    gr = grams[name]
+    rises = Elimination(gr.G, gr.B, gr.yy, gr.kernel, pairs, 1e-9).rises(list(range(6)))
+    tie = sens[g.gid].double() / float(sens[g.gid].abs().max()) * 1e-9
+    assert torch.argsort(stepped)[:3].tolist() == torch.argsort(rises - tie, stable=True)[:3].tolist()
+
+
 def test_output_probe_and_search_meet_the_target(calib):
     from pfp.probe import OutputProbe
     from pfp.resources import ResourceModel
