@@ -397,14 +397,16 @@ def measure_block(shape: BlockShape, time_at: Callable[[int], float], grid: Grid
                   negligible_ms: float = 0.0) -> BlockLatency:
     """Time a block at the grid's counts, refining between counts across a step; returns its table row.
 
-    The ends come first: a block whose range (1 channel to all) is below `negligible_ms` cannot
-    move the model's latency, so its staircases are not worth the measurements.
+    The ends come first: a block whose range (1 channel to all) is positive but below
+    `negligible_ms` cannot move the model's latency, so its staircases are not worth the
+    measurements.
     """
     n = shape.size
     ms = {n: time_at(n)}
     if n > 1:
         ms[1] = time_at(1)
-        if ms[n] - ms[1] < negligible_ms:
+        # a range at or below zero is noise, not a measurement: the grid's minimum envelope copes
+        if 0 < ms[n] - ms[1] < negligible_ms:
             return BlockLatency(size=n, counts=[1, n], ms=[ms[1], ms[n]], step_tol=grid.step_tol)
     if n <= grid.dense_upto:
         ms.update({k: time_at(k) for k in range(2, n)})

@@ -367,3 +367,11 @@ def test_a_negligible_block_is_timed_at_its_ends_only():
     calls.clear()
     b = measure_block(shape, time_at, GridSettings(dense_upto=8, coarse_points=5, max_points=20), negligible_ms=0.01)
     assert len(b.counts) >= 5 and len(calls) == len(set(calls))  # it matters here: the grid, no count twice
+
+
+def test_a_block_whose_ends_invert_on_noise_gets_the_whole_grid():
+    noisy = {1: 1.01, 100: 1.0}  # 1 channel measured slower than all: noise, not a negligible range
+    b = measure_block(block_shapes(TinyNet(), _x())["conv1"].model_copy(update={"size": 100}),
+                      lambda k: noisy.get(k, 1.0), GridSettings(dense_upto=8, coarse_points=5, max_points=20),
+                      negligible_ms=0.5)
+    assert len(b.counts) >= 5
