@@ -124,7 +124,9 @@ def test_interrupt_in_a_subprocess_leaves_no_run_running(exp, store):
     import signal
     import sys
 
-    code = ("import sys, time; from flows.tracking import setup_mlflow, tracked_run\n"
+    # a process started in the background by a shell inherits SIGINT ignored; this one must hear it
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from flows.tracking import setup_mlflow, tracked_run\n"
             f"setup_mlflow({('sqlite:///' + str(store / 'mlflow.db'))!r}, 'sigint')\n"
             "with tracked_run('p') as r:\n"
             "    print(r.info.run_id, flush=True); time.sleep(900)\n")  # only the interrupt ends it
