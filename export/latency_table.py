@@ -72,7 +72,9 @@ class GridSettings(BaseModel):
     coarse_points: int = Field(12, ge=2, description="wider groups: counts on an even grid first")
     max_points: int = Field(28, ge=2, description="measurements per block at most, refinement included")
     step_tol: float = Field(0.05, ge=0, lt=1, description="relative latency jump that marks a step to refine")
-    negligible: float = Field(0.02, ge=0, lt=1, description="a block whose whole range (1 channel to all) is "
+    # Off by default: on a tiny model every block is below any such share, and two noisy samples
+    # then say less than a grid's minimum envelope (a 16 px LeNet5's floor rose to 91%).
+    negligible: float = Field(0.0, ge=0, lt=1, description="a block whose whole range (1 channel to all) is "
                               "below this share of the model's latency is timed at those two counts only")
 
 
