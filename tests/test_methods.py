@@ -157,29 +157,30 @@ def test_elimination_rise_is_the_least_squares_residual_rise():
         assert r == pytest.approx((residual([c for c in (0, 1, 3) if c != j]) - base) / gr.yy, rel=1e-6)
 
 
-def test_pfp_drops_a_duplicated_channel_first(calib):
+def _duplicated_group(calib):
+    """Group "0" of a two-conv net whose channels 1 and 4 are copies: (group, its Grams, sensitivities)."""
     from pfp.grams import consumer_grams
-    from pfp.selection import refit_ranking
 
     model = _two_conv((1, 4))
     graph = PruningGraph(model, X1)
     g = next(g for g in graph.groups if g.name == "0")
     grams = consumer_grams(model, {c.name: c.module for c in g.consumers}, calib, "cpu")
-    sens = pfp_sensitivity(model, graph.groups, calib, "cpu", aggregate="weighted").scores
+    return g, grams, pfp_sensitivity(model, graph.groups, calib, "cpu", aggregate="weighted").scores
+
+
+def test_pfp_drops_a_duplicated_channel_first(calib):
+    from pfp.selection import refit_ranking
+
+    g, grams, sens = _duplicated_group(calib)
     rank = refit_ranking([g], sens, grams, ridge=1e-9)[g.gid]
     assert int(torch.argmin(rank)) in (1, 4)  # either copy goes first: the other carries it
     assert sorted(rank.tolist()) == list(range(6))
 
 
 def test_wide_groups_are_eliminated_in_steps_that_keep_the_order(calib):
-    from pfp.grams import consumer_grams
     from pfp.selection import Elimination, refit_ranking
 
-    model = _two_conv((1, 4))
-    graph = PruningGraph(model, X1)
-    g = next(g for g in graph.groups if g.name == "0")
-    grams = consumer_grams(model, {c.name: c.module for c in g.consumers}, calib, "cpu")
-    sens = pfp_sensitivity(model, graph.groups, calib, "cpu", aggregate="weighted").scores
+    g, grams, sens = _duplicated_group(calib)
     exact = refit_ranking([g], sens, grams, ridge=1e-9)[g.gid]
     stepped = refit_ranking([g], sens, grams, ridge=1e-9, exact_upto=2)[g.gid]  # 6 wide: 3 go in the first step
     assert sorted(stepped.tolist()) == list(range(6))
