@@ -103,10 +103,26 @@ def next_ask(tries: Sequence[LatencyTry], target: float) -> float:
         return proportional
     slope = (last.measured_ratio - prev.measured_ratio) / (last.keep_ratio - prev.keep_ratio)
     if slope <= 0.05:  # noise or a floor: the secant would leap; stay with the factor
-        return proportional
-    secant = last.keep_ratio + (target - last.measured_ratio) / slope
-    # never further than a factor of 2 from the proportional step
-    return float(min(max(secant, proportional / 2), proportional * 2))
+        ask = proportional
+    else:
+        secant = last.keep_ratio + (target - last.measured_ratio) / slope
+        # never further than a factor of 2 from the proportional step
+        ask = float(min(max(secant, proportional / 2), proportional * 2))
+    return _inside_bracket(tries, target, ask)
+
+
+def _inside_bracket(tries: Sequence[LatencyTry], target: float, ask: float) -> float:
+    """`ask`, or the middle of the bracket when it leaves the tries that measured too fast and too slow.
+
+    Staircases make the measured ratio jump between asks; a step that overshoots a try known
+    to be on the other side of the target would oscillate, so it bisects instead.
+    """
+    fast = [t.keep_ratio for t in tries if t.measured_ratio < target]  # asked this much, came out faster
+    slow = [t.keep_ratio for t in tries if t.measured_ratio > target]
+    lo, hi = (max(fast) if fast else None), (min(slow) if slow else None)
+    if lo is not None and hi is not None and lo < hi and not lo < ask < hi:
+        return (lo + hi) / 2
+    return ask
 
 
 def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_ratio: float, *,

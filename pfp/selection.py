@@ -34,35 +34,40 @@ class Elimination:
         for i, ch in pairs.tolist():
             pos.setdefault(int(ch), []).extend(range(int(i) * k, int(i) * k + k))
         self.pos = {ch: torch.tensor(v) for ch, v in pos.items()}
-        self.alive = torch.ones(G.shape[0], dtype=torch.bool)
-        self.live = torch.arange(G.shape[0])
+        widths = {len(v) for v in pos.values()}
+        # channels read at one width each (every conv and flatten we trace): one [channels, K'] table,
+        # so a step looks all of them up in one indexing op instead of one per channel
+        self.table = (torch.stack([self.pos[ch] for ch in sorted(pos)]) if len(widths) == 1
+                      and sorted(pos) == list(range(len(pos))) else None)
 
     def rises(self, chans: list[int]) -> torch.Tensor:
         """The relative residual rise of removing each channel in chans (one batched solve)."""
-        idx = [self._local(ch) for ch in chans]
-        if len({len(i) for i in idx}) > 1:  # channels read at different numbers of inputs: one at a time
-            return torch.cat([self.rises([ch]) for ch in chans])
-        J = torch.stack(idx)  # [n, K']
+        if self.table is not None:
+            J = self.table[torch.as_tensor(chans)]  # [n, K']
+        else:
+            idx = [self.pos[ch] for ch in chans]
+            if len({len(i) for i in idx}) > 1:  # channels read at different numbers of inputs: one at a time
+                return torch.cat([self.rises([ch]) for ch in chans])
+            J = torch.stack(idx)
         HJ = self.H[J.unsqueeze(2), J.unsqueeze(1)]  # [n, K', K']
         WJ = self.W[J]  # [n, K', O]
         return (WJ * torch.linalg.solve(HJ, WJ)).sum((1, 2)) / self.yy
 
-    def _local(self, ch: int) -> torch.Tensor:
-        """Indices of channel ch's features among the features still alive."""
-        return self.live[self.pos[ch]]
-
     def remove(self, *chs: int) -> None:
-        """Drop channels chs (one block downdate for all of them)."""
-        J = torch.cat([self._local(ch) for ch in chs])
-        keep = torch.ones(self.H.shape[0], dtype=torch.bool)
-        keep[J] = False
-        HJ_inv = torch.linalg.inv(self.H[J][:, J])
-        HkJ = self.H[keep][:, J]
-        self.W = self.W[keep] - HkJ @ (HJ_inv @ self.W[J])
-        self.H = self.H[keep][:, keep] - HkJ @ HJ_inv @ HkJ.t()
-        for ch in chs:
-            self.alive[self.pos[ch]] = False
-        self.live = torch.cumsum(self.alive.long(), 0) - 1
+        """Drop channels chs (one block downdate for all of them).
+
+        The Schur complement is written in place over the full matrices and the dropped rows
+        and columns are zeroed: the alive entries are exactly those of the shrunken matrices,
+        without copying them every step (the copies, not the arithmetic, were the cost).
+        """
+        J = torch.cat([self.pos[ch] for ch in chs])
+        HJ = self.H[J]  # [|J|, F]: rows, since H is symmetric (a column gather is many times slower)
+        G = torch.linalg.solve(HJ[:, J], HJ)  # H_JJ^-1 H_J. : [|J|, F]
+        self.W.addmm_(G.t(), self.W[J], alpha=-1)
+        self.H.addmm_(HJ.t(), G, alpha=-1)
+        self.H[J] = 0
+        self.H[:, J] = 0
+        self.W[J] = 0
 
 
 def refit_ranking(groups: list[ChannelGroup], scores: dict[int, torch.Tensor], grams: dict[str, Gram],

@@ -140,6 +140,17 @@ def test_the_next_ask_scales_first_then_follows_the_secant():
     assert next_ask(flat, 0.5) == pytest.approx(0.4 * 0.5 / 0.7)
 
 
+def test_the_next_ask_bisects_when_a_staircase_makes_it_overshoot():
+    # asked 0.5 came out too slow, 0.35 and 0.42 both too fast on one stair; the proportional step
+    # from 0.42 (0.42 * 0.3 / 0.25 = 0.504) would leave that bracket, so it asks the middle
+    tries = [_try(0.5, 0.45), _try(0.35, 0.25), _try(0.42, 0.25)]
+    assert next_ask(tries, 0.3) == pytest.approx(0.46)
+    # a step inside the bracket is kept
+    inside = [_try(0.4, 0.33), _try(0.3, 0.27)]
+    assert 0.3 < next_ask(inside, 0.3) < 0.4
+    assert next_ask(inside, 0.3) == pytest.approx(0.3 + (0.3 - 0.27) / 0.6)
+
+
 def test_block_table_rejects_inconsistent_rows():
     with pytest.raises(ValueError, match="full size"):
         BlockLatency(size=8, counts=[1, 4], ms=[1.0, 2.0])
