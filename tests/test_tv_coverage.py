@@ -1,6 +1,6 @@
 """torchvision architectures Torch-Pruning cannot take as they are: ShuffleNetV2's channel shuffle,
-Swin's window attention (traced as one node) and the attention blocks of ViT (a stored
-hidden_dim and head count). Each is pruned (to half its FLOPs where attention leaves room),
+Swin's window attention and MaxViT's window partitions (traced as one node each) and the attention
+blocks of ViT (a stored hidden_dim and head count). Each is pruned (to half its FLOPs where attention leaves room),
 still runs, and keeps its output shape; what is left whole is named with the reason."""
 from __future__ import annotations
 
@@ -89,4 +89,26 @@ def test_swin_prunes_mlp_hidden_units_and_keeps_its_width():
             attn = mods[f"features.{s}.{b}.attn"]
             assert attn.qkv.in_features == attn.proj.out_features == (16 if s == 1 else 32)
     reasons = " ".join(why for _, why in PruningGraph(model, x[:1]).skipped)
-    assert "window attention" in reasons
+    assert "window partition or attention" in reasons
+
+
+def test_maxvit_builds_its_groups_and_prunes_its_mlp_and_mbconv_hidden_units():
+    from torchvision.models import maxvit
+    from torchvision.models.maxvit import MaxVit
+
+    original = maxvit.WindowPartition.forward
+    model = MaxVit(input_size=(64, 64), stem_channels=16, partition_size=4, block_channels=[16, 32],
+                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    # traced as written, this model had not built its groups in 10 minutes (window reshapes)
+    pruned, rep, out = _prune_half(model, 64, "pfp")
+    assert out.shape == (2, 10)
+    assert rep.flops / rep.original_flops == pytest.approx(0.5, rel=0.02)
+    assert maxvit.WindowPartition.forward is original  # swapped only while tracing
+    mods = dict(pruned.named_modules())
+    assert any(mods[f"blocks.{b}.layers.0.layers.{a}.mlp_layer.1"].out_features < w
+               for b, w in ((0, 64), (1, 128)) for a in ("window_attention", "grid_attention"))
+    for b, width in ((0, 16), (1, 32)):  # the width of every attention stays
+        for a in ("window_attention", "grid_attention"):
+            attn = mods[f"blocks.{b}.layers.0.layers.{a}.attn_layer.1"]
+            assert attn.to_qkv.in_features == attn.merge.out_features == width
+    assert any("window partition or attention" in why for _, why in rep.skipped)
