@@ -178,7 +178,10 @@ def main() -> None:
                 measured = rep.best_ratio
                 row = {"batch": batch, "target": target, "table_s": build_s, "table_bytes": size,
                        "measured": measured, "measured_over_target": measured / target, "met": rep.met,
-                       "tries": len(rep.tries), "latency_flops": prep.flops / prep.original_flops}
+                       "tries": len(rep.tries), "latency_flops": prep.flops / prep.original_flops,
+                       # (asked, predicted, measured) per try: where the table and the machine parted
+                       "per_try": [(round(t.keep_ratio, 4), round(t.predicted_ratio, 4), round(t.measured_ratio, 4))
+                                   for t in rep.tries]}
                 row["latency_acc"], row["latency_acc_retrained"] = accuracies(pruned, test, retrain)
                 for method in ("pfp", "tp_magnitude"):
                     got = flops_at_latency(model, calib, method, measured, spec,
