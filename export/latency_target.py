@@ -137,8 +137,8 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
     `table` is the model's latency table (built here when None, through the cache). Returns
     the pruned model of the try closest to the target, its PruneReport and the report of
     every try; each try after the first asks for `next_ask` of the ones before. PruneError
-    when even the first try's target is below the floor the
-    protected layers allow; LatencyTableError for a backend or batch that cannot run.
+    when even the first try's target is below the floor the protected layers allow;
+    LatencyTableError for a backend or batch that cannot run.
     """
     if cfg.target != "latency" or cfg.latency is None:
         raise LatencyTableError(f"prune.target is {cfg.target!r}: prune_to_latency needs target latency")

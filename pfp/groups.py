@@ -57,7 +57,7 @@ def _opaque_channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class WindowAttentionOp(torch.autograd.Function):
-    """Swin's shifted-window attention as one autograd node, for tracing only.
+    """A window partition or attention (Swin's, MaxViT's) as one autograd node, for tracing only.
 
     Traced as written (pad, roll, window partition and merge, per-head reshapes), it stalls
     Torch-Pruning's index mapping for minutes even on a tiny Swin. Its width and head count are
@@ -75,31 +75,29 @@ class WindowAttentionOp(torch.autograd.Function):
         raise RuntimeError("WindowAttentionOp is a tracing stand-in; it has no gradient")
 
 
-def _opaque_window_attention(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: A002 - torchvision's name
-    from torchvision.models import swin_transformer  # noqa: PLC0415 - only reached while tracing a Swin
+def _one_node(mod_name: str, attr: str) -> Callable:
+    """`mod_name.attr` as one WindowAttentionOp node around its tensor input.
 
-    original = _ORIGINALS[(swin_transformer.__name__, "shifted_window_attention")]
-    return WindowAttentionOp.apply(input, lambda x: original(x, *args, **kwargs))
+    `attr` is a function (the tensor is its first argument) or "Class.forward" (after self).
+    """
+    at = 1 if "." in attr else 0
 
-
-def _opaque_forward(mod_name: str, attr: str) -> Callable:
-    """A module class's forward as one WindowAttentionOp node (`attr` is "Class.forward")."""
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def stand_in(*args, **kwargs) -> torch.Tensor:
         original = _ORIGINALS[(mod_name, attr)]
-        return WindowAttentionOp.apply(x, lambda t: original(self, t, *args, **kwargs))
+        return WindowAttentionOp.apply(args[at], lambda t: original(*args[:at], t, *args[at + 1:], **kwargs))
 
-    return forward
+    return stand_in
 
 
-_MAXVIT = "torchvision.models.maxvit"
+_SWIN, _MAXVIT = "torchvision.models.swin_transformer", "torchvision.models.maxvit"
 # Functions that Torch-Pruning cannot trace, swapped for a one-node version while the graph
 # is built: (module, attribute or Class.attribute, stand-in). The model itself is never modified.
 # MaxViT's window/grid partitions and its attention reshape the channels into windows and
 # heads: traced as written, a 2-stage, 16-wide MaxViT at 64 px had not built its groups in
 # 10 minutes (and maxvit_t held 5.4 GB); as single nodes it builds in seconds.
 TRACE_STAND_INS = [("torchvision.models.shufflenetv2", "channel_shuffle", _opaque_channel_shuffle),
-                   ("torchvision.models.swin_transformer", "shifted_window_attention", _opaque_window_attention)] + [
-    (_MAXVIT, f"{cls}.forward", _opaque_forward(_MAXVIT, f"{cls}.forward"))
+                   (_SWIN, "shifted_window_attention", _one_node(_SWIN, "shifted_window_attention"))] + [
+    (_MAXVIT, f"{cls}.forward", _one_node(_MAXVIT, f"{cls}.forward"))
     for cls in ("WindowPartition", "WindowDepartition", "RelativePositionalMultiHeadAttention")]
 _ORIGINALS: dict[tuple[str, str], Callable] = {}  # what trace_stand_ins swapped out, for the stand-ins to call
 
@@ -107,8 +105,8 @@ _ORIGINALS: dict[tuple[str, str], Callable] = {}  # what trace_stand_ins swapped
 # reads `hidden_dim`, Swin `num_heads`): the channels of their inputs and outputs are kept.
 # Only the channels between two plain layers (the MLP's hidden units) are pruned there.
 _ATTENTION_TYPES = [("torch.nn", "MultiheadAttention"),
-                    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"),
-                    ("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")]
+                    (_SWIN, "ShiftedWindowAttention"),
+                    (_MAXVIT, "RelativePositionalMultiHeadAttention")]
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """torchvision architectures Torch-Pruning cannot take as they are: ShuffleNetV2's channel shuffle,
 Swin's window attention and MaxViT's window partitions (traced as one node each) and the attention
-blocks of ViT (a stored hidden_dim and head count). Each is pruned (to half its FLOPs where attention leaves room),
-still runs, and keeps its output shape; what is left whole is named with the reason."""
+blocks of ViT (a stored hidden_dim and head count). Each is pruned (to half its FLOPs where
+attention leaves room), still runs, and keeps its output shape; what is left whole is named
+with the reason."""
 from __future__ import annotations
 
 import pytest
