@@ -49,6 +49,9 @@ class Elimination:
             if len({len(i) for i in idx}) > 1:  # channels read at different numbers of inputs: one at a time
                 return torch.cat([self.rises([ch]) for ch in chans])
             J = torch.stack(idx)
+        if J.shape[1] == 1:  # one feature a channel (a 1x1 conv or a Linear): the solves are divisions
+            j = J[:, 0]
+            return self.W[j].pow(2).sum(1) / self.H[j, j] / self.yy
         HJ = self.H[J.unsqueeze(2), J.unsqueeze(1)]  # [n, K', K']
         WJ = self.W[J]  # [n, K', O]
         return (WJ * torch.linalg.solve(HJ, WJ)).sum((1, 2)) / self.yy
@@ -62,7 +65,7 @@ class Elimination:
         """
         J = torch.cat([self.pos[ch] for ch in chs])
         HJ = self.H[J]  # [|J|, F]: rows, since H is symmetric (a column gather is many times slower)
-        G = torch.linalg.solve(HJ[:, J], HJ)  # H_JJ^-1 H_J. : [|J|, F]
+        G = HJ / HJ[:, J] if len(J) == 1 else torch.linalg.solve(HJ[:, J], HJ)  # H_JJ^-1 H_J. : [|J|, F]
         self.W.addmm_(G.t(), self.W[J], alpha=-1)
         self.H.addmm_(HJ.t(), G, alpha=-1)
         self.H[J] = 0
