@@ -2,7 +2,7 @@
 and that still run and give the right output shape.
 
     .venv/bin/python benchmarks/torchvision_coverage.py [--method pfp] [--size 64] [--keep 0.5]
-        [--only a,b] [--timeout 900] [--rows rows.jsonl] [--json summary.json]
+        [--only a,b] [--timeout 900] [--jobs 2] [--rows rows.jsonl] [--json summary.json]
 Calibration uses random images (this measures mechanics, not accuracy). Each model runs in
 its own process with a time limit (--timeout, per model; the 224 px Swin/MaxViT models need
 several minutes on a small CPU), so one hang or out-of-memory kill does not stop the sweep;
@@ -16,7 +16,9 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -83,17 +85,37 @@ def one(name: str, size: int, keep: float, points: int, method: str = "pfp") -> 
     return row
 
 
+def run_in_process(name: str, args: argparse.Namespace) -> dict:
+    """One model's row, pruned in a child process under the time limit (a hang or a kill is a row too)."""
+    size = input_size(name, args.size)
+    cmd = [sys.executable, __file__, "--one", name, "--size", str(size), "--keep", str(args.keep),
+           "--points", str(args.points), "--method", args.method]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "size": size, "method": args.method, "ok": False,
+                "reason": f"not finished in {args.timeout}s on this machine"}
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if line:
+        return json.loads(line[-1])
+    err = out.stderr.strip().splitlines()
+    return {"model": name, "size": size, "method": args.method, "ok": False,
+            "reason": f"process died (exit {out.returncode}): {err[-1][:160] if err else ''}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--points", type=int, default=2)
     ap.add_argument("--method", default="pfp")
-    ap.add_argument("--only", default="", help="comma-separated torchvision names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated torchvision names, run in this order (default: all)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model, measured in its own process")
     ap.add_argument("--rows", default="", help="JSON-lines file: append rows, skip models already in it")
     ap.add_argument("--json", default="", help="write the summary (rows, pass rate, models not run) here")
     ap.add_argument("--skip", default="", help="comma-separated names not to run (listed as not run)")
+    ap.add_argument("--jobs", type=int, default=1, help="models pruned at once, each in its own process "
+                    "(time limits are per model; on a shared machine, jobs beyond the cores slow every model)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -107,7 +129,7 @@ def main() -> None:
         unknown = [n for n in wanted if n not in all_names]
         if unknown:
             raise SystemExit(f"--only: {unknown[0]!r} is not a torchvision classification model")
-        names = [n for n in all_names if n in wanted]
+        names = list(dict.fromkeys(wanted))  # in the order given: the most telling models first
     skip = set(filter(None, args.skip.split(",")))
     names = [n for n in names if n not in skip]
     rows = []
@@ -118,26 +140,21 @@ def main() -> None:
         except FileNotFoundError:
             pass
     done = {r["model"] for r in rows}
-    for name in names:
-        if name in done:
-            continue
-        size = input_size(name, args.size)
-        cmd = [sys.executable, __file__, "--one", name, "--size", str(size), "--keep", str(args.keep),
-               "--points", str(args.points), "--method", args.method]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            line = [l for l in out.stdout.splitlines() if l.startswith("{")]
-            row = json.loads(line[-1]) if line else {
-                "model": name, "size": size, "ok": False,
-                "reason": f"process died (exit {out.returncode}): {out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else ''}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "size": size, "method": args.method, "ok": False,
-                   "reason": f"not finished in {args.timeout}s on this machine"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.rows:
-            with open(args.rows, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    todo = [n for n in names if n not in done]
+    lock = threading.Lock()
+
+    def run_one(name: str) -> None:
+        row = run_in_process(name, args)
+        with lock:  # rows land whole, in the order models finish
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.rows:
+                with open(args.rows, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    # each model is its own process; --jobs of them at once (threads here only wait on them)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(run_one, todo))
     ran = {r["model"] for r in rows}
     summary = Summary(args.method, args.keep, args.timeout, rows, [n for n in all_names if n not in ran])
     ok = summary.passed

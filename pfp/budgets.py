@@ -144,9 +144,12 @@ def search(req: BudgetRequest, steps: int = 8, groups_per_step: int = 8) -> Budg
     held-out images with all cuts applied and their consumers refit, and takes the step with
     the least divergence added per unit of resource saved, until the target is met. Cuts
     interact (two halved layers hurt more than the sum of each alone), which per-group curves
-    cannot see; here every step is judged where the budget stands. A network of many groups
-    takes the best 1 in `groups_per_step` of the round's steps at once, so the number of
-    probes grows with the groups, not with their square.
+    cannot see; here every step is judged where the budget stands.
+
+    A network of many groups takes the best 1 in `groups_per_step` of the round's steps at
+    once, and probes lazily (`_lazy_round`): a step is re-measured in stale-cost order only
+    until the steps taken are known to be the round's best, so the probes grow with the steps
+    taken, not with the groups times the rounds.
     """
     if req.probe is None:
         raise BudgetError("prune.allocation: search needs held-out images (a post-processing loader)")
@@ -156,35 +159,43 @@ def search(req: BudgetRequest, steps: int = 8, groups_per_step: int = 8) -> Budg
     counts = [c[-1] for c in cands]
     take = max(1, len(cands) // groups_per_step)
     current, err = req.resource_of(counts), 0.0
-    while current > req.target:
-        tried = []
-        for i, c in enumerate(cands):
-            if idx[i] == 0:
-                continue
-            j = max(0, idx[i] - stride[i])
-            trial = list(counts)
+    stale: dict[int, float] = {}  # group -> its next step's cost per saving when last measured
+
+    def step_of(i: int) -> tuple[float, int, int, float] | None:
+        """Group i's next step from where the budget stands, measured: (cost per saving, i, j, error)."""
+        c = cands[i]
+        if idx[i] == 0:
+            return None
+        j = max(0, idx[i] - stride[i])
+        trial = list(counts)
+        trial[i] = c[j]
+        r = req.resource_of(trial)
+        if r >= current:
+            return None
+        if r < req.target:  # the last step: go no lower than needed
+            while j + 1 < idx[i] and req.resource_of(trial[:i] + [c[j + 1]] + trial[i + 1:]) <= req.target:
+                j += 1
             trial[i] = c[j]
             r = req.resource_of(trial)
-            if r >= current:
-                continue
-            if r < req.target:  # the last step: go no lower than needed
-                while j + 1 < idx[i] and req.resource_of(trial[:i] + [c[j + 1]] + trial[i + 1:]) <= req.target:
-                    j += 1
-                trial[i] = c[j]
-                r = req.resource_of(trial)
-            e = req.probe.joint(trial)
-            # a step past the target is credited only with the saving the target needed
-            tried.append(((e - err) / (current - max(r, req.target)), i, j, e))
+        e = req.probe.joint(trial)
+        # a step past the target is credited only with the saving the target needed
+        return (e - err) / (current - max(r, req.target)), i, j, e
+
+    while current > req.target:
+        tried = [t for i in range(len(cands)) if (t := step_of(i)) is not None] if take == 1 \
+            else _lazy_round(len(cands), take, stale, step_of)
         if not tried:
             break
         tried.sort()
         _, i, j, err = tried[0]
         idx[i], counts[i] = j, cands[i][j]
+        stale.pop(i, None)
         current = req.resource_of(counts)
         for _, i, j, _ in tried[1:take]:  # many groups: the next best steps of this round too
             if current <= req.target:
                 break
             idx[i], counts[i] = j, cands[i][j]
+            stale.pop(i, None)
             current = req.resource_of(counts)
         if take > 1:
             err = req.probe.joint(counts)
@@ -208,6 +219,28 @@ def search(req: BudgetRequest, steps: int = 8, groups_per_step: int = 8) -> Budg
         _, i, j, current, err = best
         idx[i], counts[i] = j, cands[i][j]
     return Budget(counts, None, err, notes=[f"output divergence {err:.4g} after {req.probe.calls} probes"])
+
+
+def _lazy_round(n: int, take: int, stale: dict[int, float], step_of) -> list[tuple[float, int, int, float]]:
+    """One round's `take` best steps, measuring as few as it can (lazy greedy).
+
+    Groups are measured in the order of their stale cost (never measured, or just stepped:
+    first); the round stops once `take` fresh costs are no higher than the next stale one.
+    A stale cost stands in for a fresh one because cutting elsewhere rarely makes a step
+    cheaper: the network only grows more fragile as the budget shrinks. `stale` is updated.
+    """
+    order = sorted(range(n), key=lambda i: stale.get(i, float("-inf")))
+    fresh: list[tuple[float, int, int, float]] = []
+    for i in order:
+        if len(fresh) >= take and sorted(fresh)[take - 1][0] <= stale.get(i, float("-inf")):
+            break
+        t = step_of(i)
+        if t is None:
+            stale.pop(i, None)
+            continue
+        stale[i] = t[0]
+        fresh.append(t)
+    return fresh
 
 
 @register_allocator("uniform")

@@ -225,3 +225,50 @@ def test_post_processing_keeps_the_candidate_closest_to_the_unpruned_outputs(cal
     _, plain, _ = prune(model, calib, PruneConfig(method="ft", round_to=8, reconstruct=False, bn_recalibration=False),
                         0.5, example_input=X1)
     assert plain.postprocess["order"] is None and not plain.postprocess["refit_layers"]
+
+
+def test_lazy_round_measures_few_and_finds_the_best_steps_when_costs_only_rise():
+    from pfp.budgets import _lazy_round
+
+    costs = [5.0, 1.0, 4.0, 2.0, 9.0, 3.0, 8.0, 7.0]
+    measured = []
+
+    def step_of(i):
+        measured.append(i)
+        return costs[i], i, 0, 0.0
+
+    stale: dict[int, float] = {}
+    first = _lazy_round(len(costs), 2, stale, step_of)
+    assert len(measured) == len(costs) and sorted(first)[:2] == [(1.0, 1, 0, 0.0), (2.0, 3, 0, 0.0)]
+    # groups 1 and 3 stepped (their stale costs dropped); everything else got dearer by 0.5
+    del stale[1], stale[3]
+    costs = [c + 0.5 for c in costs]
+    costs[1], costs[3] = 6.0, 10.0
+    measured.clear()
+    second = sorted(_lazy_round(len(costs), 2, stale, step_of))
+    brute = sorted((c, i) for i, c in enumerate(costs))[:2]
+    assert [(c, i) for c, i, _, _ in second[:2]] == brute  # the same two steps as measuring everything
+    assert len(measured) < len(costs)  # 9.0, 8.0, 7.0 (now 9.5, 8.5, 7.5) were never re-measured
+
+
+def test_elimination_rises_match_brute_force_least_squares_for_one_feature_channels():
+    from pfp.selection import Elimination
+
+    torch.manual_seed(0)
+    X = torch.randn(200, 6, dtype=torch.float64)
+    Y = X @ torch.randn(6, 3, dtype=torch.float64) + 0.1 * torch.randn(200, 3, dtype=torch.float64)
+    G, B, yy = X.t() @ X, X.t() @ Y, float(Y.pow(2).sum())
+    pairs = torch.stack([torch.arange(6), torch.arange(6)], 1)
+    el = Elimination(G.clone(), B.clone(), yy, 1, pairs, 1e-12)
+
+    def residual(cols):
+        w = torch.linalg.lstsq(X[:, cols], Y).solution
+        return float((Y - X[:, cols] @ w).pow(2).sum())
+
+    for alive in ([0, 1, 2, 3, 4, 5], [0, 1, 3, 4, 5]):
+        if len(alive) == 5:
+            el.remove(2)
+        got = el.rises(alive) * yy
+        want = torch.tensor([residual([c for c in alive if c != j]) - residual(alive) for j in alive],
+                            dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-8)
