@@ -142,7 +142,8 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0)
 
 
-ALLOCATIONS = ("mass_bound", "mass_sum", "sample_bound", "holdout", "search", "single_eps", "uniform", "global")
+ALLOCATIONS = ("mass_bound", "mass_sum", "sample_bound", "holdout", "search", "search_lazy", "single_eps", "uniform",
+               "global")
 
 
 def known_methods() -> list[str]:

@@ -272,3 +272,21 @@ def test_elimination_rises_match_brute_force_least_squares_for_one_feature_chann
         want = torch.tensor([residual([c for c in alive if c != j]) - residual(alive) for j in alive],
                             dtype=torch.float64)
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_every_registered_allocator_can_be_named_in_a_config():
+    from pfp.budgets import ALLOCATORS
+    from pfp.config import ALLOCATIONS
+
+    assert set(ALLOCATORS) == set(ALLOCATIONS)
+
+
+def test_lazy_search_meets_the_target_with_fewer_probes(calib):
+    model = build_model("resnet56", 10, 1, 28).eval()  # 30 groups: rounds take 3 steps
+    reps = {}
+    for allocation in ("search", "search_lazy"):
+        _, reps[allocation], _ = prune(model, calib, PruneConfig(method="ft", allocation=allocation, round_to=8),
+                                       0.5, example_input=X1, postprocess_loader=calib)
+    probes = {a: int(r.allocation_notes[-1].split(" after ")[1].split()[0]) for a, r in reps.items()}
+    assert all(r.flops <= 0.5 * r.original_flops * 1.001 for r in reps.values())
+    assert probes["search_lazy"] < probes["search"]
