@@ -10,6 +10,7 @@ per-group error curves from it. No labels are needed.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -20,6 +21,7 @@ from .groups import ChannelGroup
 from .hooks import eval_mode
 from .tasks import relative_squared_error, softmax_kl
 
+REFITS_KEPT = 3  # per consumer: where the budget stands, the probe's step, and one more
 EVAL_POINTS = 96  # judged points; the Gram statistics come from the held-out points after them
 
 
@@ -78,6 +80,26 @@ class OutputProbe:
         with eval_mode(model), torch.no_grad():
             self.y = model(self.x).double()
         self.calls = 0
+        self.solves = 0  # refits solved; the others came from `_refits`
+        # per consumer, its last few refits by kept inputs: a search round changes one group's
+        # consumers per probe and keeps the rest as they stand, and a group's next step stays the
+        # same until it is taken, so most refits repeat (VGG's 2304-feature solves were the cost)
+        self._refits: dict[str, OrderedDict[bytes, torch.Tensor]] = {}
+
+    def _refit(self, name: str, mod: nn.Module, kept: torch.Tensor) -> torch.Tensor:
+        """The consumer's refit weights for `kept` inputs, solved once while it stays in the cache."""
+        cache = self._refits.setdefault(name, OrderedDict())
+        key = kept.numpy().tobytes()
+        w = cache.get(key)
+        if w is None:
+            w = refit_weights(mod, self.grams[name], kept, self.ridge).to(mod.weight.device)
+            self.solves += 1
+            cache[key] = w
+            if len(cache) > REFITS_KEPT:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return w
 
     def error(self, gi: int, k: int) -> float:
         """Output divergence with group gi reduced to its k best channels and its consumers refit."""
@@ -105,8 +127,7 @@ class OutputProbe:
             for name, (mod, mask) in masks.items():
                 if name in self.grams:
                     saved.append((mod, mod.weight.data))
-                    kept = torch.nonzero(mask > 0).flatten()
-                    mod.weight.data = refit_weights(mod, self.grams[name], kept, self.ridge).to(mod.weight.device)
+                    mod.weight.data = self._refit(name, mod, torch.nonzero(mask > 0).flatten())
                 else:
                     handles.append(mod.register_forward_pre_hook(_masking(mask, isinstance(mod, nn.Conv2d))))
             with eval_mode(self.model, handles), torch.no_grad():

@@ -290,3 +290,19 @@ def test_lazy_search_meets_the_target_with_fewer_probes(calib):
     probes = {a: int(r.allocation_notes[-1].split(" after ")[1].split()[0]) for a, r in reps.items()}
     assert all(r.flops <= 0.5 * r.original_flops * 1.001 for r in reps.values())
     assert probes["search_lazy"] < probes["search"]
+
+
+def test_output_probe_solves_each_refit_once_and_gives_the_same_divergence(calib):
+    from pfp.probe import OutputProbe
+
+    model = build_model("resnet20", 10, 1, 28).eval()
+    graph = PruningGraph(model, X1)
+    probe = OutputProbe(model, graph.groups, norm_scores(graph.groups, 1), calib, "cpu", eval_points=8)
+    counts = [max(1, g.size // 2) for g in graph.groups]
+    first = probe.joint(counts)
+    solved = probe.solves
+    assert solved > 0 and probe.joint(counts) == first and probe.solves == solved
+    # one group changed: only its consumers are solved again
+    counts[1] -= 1
+    probe.joint(counts)
+    assert 0 < probe.solves - solved < solved
