@@ -35,6 +35,7 @@ __all__ = ["LayerFit", "ReconstructReport", "reconstruct"]
 FALLBACK_RIDGE = 1e-1  # relative lambda the ill-conditioned systems start from
 FALLBACK_STEPS = 8  # x10 each: up to 1e7 relative before giving up
 TARGET_TILES = 2  # the unpruned network's outputs held at once, in tile_bytes
+MAX_SYSTEM_BYTES = 2 << 30  # a layer whose normal equations and solve need more is left as pruned
 
 
 @dataclass
@@ -96,6 +97,19 @@ def _pads(m: nn.Conv2d) -> tuple[int, int, int, int] | tuple[int, int]:
     return tuple(m.padding)  # type: ignore[return-value]
 
 
+def system_bytes(m: nn.Module) -> int:
+    """Bytes of a layer's float64 normal equations (G, B, sums) and its solve, from its shape alone."""
+    conv = isinstance(m, nn.Conv2d)
+    g = m.groups if conv else 1
+    fg = (m.in_channels if conv else m.in_features) // g * (math.prod(m.kernel_size) if conv else 1)
+    cg = (m.out_channels if conv else m.out_features) // g
+    fb = fg + int(m.bias is not None)
+    n = g * (fg * fg + fg * cg + fg + cg)
+    # the solve holds about three more of these (G+lambda I', B with its bias row, W)
+    n += 3 * g * fb * max(fb, cg)
+    return 8 * n
+
+
 class _System:
     """Normal equations of one layer: per group G, B, column sums, ||Y||^2; float64."""
 
@@ -130,11 +144,7 @@ class _System:
         return self.fg + int(self.bias)
 
     def acc_bytes(self) -> int:
-        n = self.G.numel() + self.B.numel() + self.sx.numel() + self.sy.numel()
-        # the solve holds about three more of these (G+lambda I', B with its bias row, W)
-        fb = self.features
-        n += 3 * self.groups * fb * max(fb, self.cg)
-        return 8 * n
+        return system_bytes(self.m)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Accumulate one batch: x the layer's input in the pruned net, y the target output."""
@@ -382,7 +392,8 @@ def _windows(order: list[str], nbytes: Mapping[str, int], budget: int) -> list[l
 
 def reconstruct(original: nn.Module, pruned: nn.Module, layers: Sequence[str], loader, device="cpu", *,
                 ridge: float = 1e-4, max_points: int | None = None, tile_bytes: int = 64 << 20,
-                kept_out: Mapping[str, torch.Tensor] | None = None) -> ReconstructReport:
+                kept_out: Mapping[str, torch.Tensor] | None = None,
+                max_system_bytes: int = MAX_SYSTEM_BYTES) -> ReconstructReport:
     """Refit `layers` of `pruned` in place so their outputs match `original`'s on the loader's points.
 
     Layers are refit in forward order, each on the inputs produced by the already refit
@@ -392,7 +403,8 @@ def reconstruct(original: nn.Module, pruned: nn.Module, layers: Sequence[str], l
     kept (in order); when absent they are matched from the weights. Memory: the loader's
     raw inputs, the accumulators, one unfolded tile of at most tile_bytes (one point when
     a point alone is larger) and the unpruned network's outputs of consecutive layers,
-    up to TARGET_TILES x tile_bytes, computed in one pass.
+    up to TARGET_TILES x tile_bytes, computed in one pass. A layer whose system would need
+    more than max_system_bytes (`system_bytes`) is skipped, with the reason in its LayerFit.
     """
     start = time.perf_counter()
     mods = _validate(original, pruned, list(dict.fromkeys(layers)))
@@ -421,6 +433,11 @@ def reconstruct(original: nn.Module, pruned: nn.Module, layers: Sequence[str], l
             m, om = mods[name], o_mods[name]
             if calls[name] > 1:
                 fits[name] = _skip(name, f"called {calls[name]} times per forward pass (shared weights)")
+                continue
+            need = system_bytes(m)
+            if need > max_system_bytes:  # VGG's 25088-input classifier: a 5 GiB system, refit on few points
+                fits[name] = _skip(name, f"its least squares would hold {need / 2**30:.1f} GiB "
+                                         f"(over {max_system_bytes / 2**30:.1f} GiB)")
                 continue
             idx[name] = None
             if _outputs(om) != _outputs(m):

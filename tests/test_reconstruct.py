@@ -428,3 +428,18 @@ def test_recalibration_without_batchnorm_does_nothing():
     corrupt(net[2])
     assert recalibrate_batchnorm(net, []) == 0  # no data: the statistics stay
     assert torch.all(net[2].running_mean == 7.0)
+
+
+def test_a_layer_whose_system_is_too_large_is_left_as_pruned(caplog):
+    from pfp.reconstruct import system_bytes
+
+    original, pruned = sliced_pair([0, 2, 3, 5, 6])
+    need = system_bytes(pruned[2])
+    before = pruned[2].weight.clone()
+    x = torch.randn(16, 3, 10, 10)
+    with caplog.at_level(logging.WARNING, logger="pfp.reconstruct"):
+        (fit,) = reconstruct(original, pruned, ["2"], batches(x, 8), max_system_bytes=need - 1).layers
+    assert not fit.applied and "GiB" in fit.note and "2" in caplog.text
+    assert torch.equal(pruned[2].weight, before)
+    (fit,) = reconstruct(original, pruned, ["2"], batches(x, 8), max_system_bytes=need).layers
+    assert fit.applied
