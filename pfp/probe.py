@@ -21,7 +21,7 @@ from .groups import ChannelGroup
 from .hooks import eval_mode
 from .tasks import relative_squared_error, softmax_kl
 
-REFITS_KEPT = 3  # per consumer: where the budget stands, the probe's step, and one more
+REFIT_CACHE_BYTES = 1 << 30  # refit weights kept across probes, least recently used dropped first
 EVAL_POINTS = 96  # judged points; the Gram statistics come from the held-out points after them
 
 
@@ -81,24 +81,28 @@ class OutputProbe:
             self.y = model(self.x).double()
         self.calls = 0
         self.solves = 0  # refits solved; the others came from `_refits`
-        # per consumer, its last few refits by kept inputs: a search round changes one group's
-        # consumers per probe and keeps the rest as they stand, and a group's next step stays the
-        # same until it is taken, so most refits repeat (VGG's 2304-feature solves were the cost)
-        self._refits: dict[str, OrderedDict[bytes, torch.Tensor]] = {}
+        # refits by (consumer, kept inputs): a search round changes one group's consumers per
+        # probe and keeps the rest as they stand, and a group's next step stays the same until
+        # it is taken, so most refits repeat (VGG's 2304-feature solves were the cost). A
+        # DenseNet consumer reads many groups, one trial each: the cache is bounded by bytes,
+        # not by entries per consumer.
+        self._refits: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()
+        self._refit_bytes = 0
 
     def _refit(self, name: str, mod: nn.Module, kept: torch.Tensor) -> torch.Tensor:
         """The consumer's refit weights for `kept` inputs, solved once while it stays in the cache."""
-        cache = self._refits.setdefault(name, OrderedDict())
-        key = kept.numpy().tobytes()
-        w = cache.get(key)
-        if w is None:
-            w = refit_weights(mod, self.grams[name], kept, self.ridge).to(mod.weight.device)
-            self.solves += 1
-            cache[key] = w
-            if len(cache) > REFITS_KEPT:
-                cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
+        key = (name, kept.numpy().tobytes())
+        w = self._refits.get(key)
+        if w is not None:
+            self._refits.move_to_end(key)
+            return w
+        w = refit_weights(mod, self.grams[name], kept, self.ridge).to(mod.weight.device)
+        self.solves += 1
+        self._refits[key] = w
+        self._refit_bytes += w.numel() * w.element_size()
+        while self._refit_bytes > REFIT_CACHE_BYTES and len(self._refits) > 1:
+            _, old = self._refits.popitem(last=False)
+            self._refit_bytes -= old.numel() * old.element_size()
         return w
 
     def error(self, gi: int, k: int) -> float:

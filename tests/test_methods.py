@@ -306,3 +306,16 @@ def test_output_probe_solves_each_refit_once_and_gives_the_same_divergence(calib
     counts[1] -= 1
     probe.joint(counts)
     assert 0 < probe.solves - solved < solved
+
+
+def test_output_probe_refit_cache_is_bounded_by_bytes(calib, monkeypatch):
+    import pfp.probe as probe_mod
+
+    model = build_model("resnet20", 10, 1, 28).eval()
+    graph = PruningGraph(model, X1)
+    probe = probe_mod.OutputProbe(model, graph.groups, norm_scores(graph.groups, 1), calib, "cpu", eval_points=8)
+    counts = [max(1, g.size // 2) for g in graph.groups]
+    monkeypatch.setattr(probe_mod, "REFIT_CACHE_BYTES", 1)  # room for one refit: nothing is reused
+    first = probe.joint(counts)
+    solved = probe.solves
+    assert probe.joint(counts) == first and probe.solves == 2 * solved and len(probe._refits) == 1
