@@ -234,8 +234,9 @@ def _lazy_round(n: int, take: int, stale: dict[int, float], step_of) -> list[tup
 
     Groups are measured in the order of their stale cost (never measured, or just stepped:
     first); the round stops once `take` fresh costs are no higher than the next stale one.
-    A stale cost stands in for a fresh one because cutting elsewhere rarely makes a step
-    cheaper: the network only grows more fragile as the budget shrinks. `stale` is updated.
+    A stale cost stands in for a fresh one on the assumption that cutting elsewhere does not
+    make a step cheaper; the refits break it often enough that lazy budgets come out worse,
+    which is why `search_lazy` is opt-in. `stale` is updated.
     """
     order = sorted(range(n), key=lambda i: stale.get(i, float("-inf")))
     fresh: list[tuple[float, int, int, float]] = []
