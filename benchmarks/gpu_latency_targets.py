@@ -61,7 +61,8 @@ def one(name: str, size: int, backend: str, args, workdir: Path) -> dict:
         return row | {"error": str(e)}
     row.update(measured=round(rep.best_ratio, 4), met=rep.met, message=rep.message,
                flops_kept=round(prep.flops / prep.original_flops, 4),
-               tries=[(round(t.keep_ratio, 3), round(t.predicted_ratio, 3), round(t.measured_ratio, 3))
+               tries=[(t.cost_model, round(t.keep_ratio, 3), t.predicted_ratio and round(t.predicted_ratio, 3),
+                       round(t.measured_ratio, 3))
                       for t in rep.tries])
     return row
 

@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--tries", type=int, default=3)
     ap.add_argument("--comparator-tries", type=int, default=6,
                     help="tries for the FLOPs-targeted models to reach the latency target's measured latency")
+    ap.add_argument("--flops-fallback", default=str(LatencyTargetConfig().flops_fallback),
+                    help="prune.latency.flops_fallback for the latency target ('none': the table only)")
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--limit-train", type=int, default=6000)
@@ -156,7 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pfp-latency-bench-") as tmp:
         workdir = Path(tmp)
         for batch in [int(b) for b in args.batches.split(",")]:
-            spec = LatencyTargetConfig(backend="ort-cpu", batch=batch, threads=args.threads, tries=args.tries)
+            spec = LatencyTargetConfig(backend="ort-cpu", batch=batch, threads=args.threads, tries=args.tries,
+                                       flops_fallback=None if args.flops_fallback == "none" else float(args.flops_fallback))
             cache = args.cache_dir or workdir / f"cache_b{batch}"
             t0 = time.perf_counter()
             table = build_latency_table(model, x, spec, cache_dir=cache, grid=grid, block_settings=block_settings,
@@ -179,8 +182,12 @@ def main() -> None:
                 row = {"batch": batch, "target": target, "table_s": build_s, "table_bytes": size,
                        "measured": measured, "measured_over_target": measured / target, "met": rep.met,
                        "tries": len(rep.tries), "latency_flops": prep.flops / prep.original_flops,
-                       # (asked, predicted, measured) per try: where the table and the machine parted
-                       "per_try": [(round(t.keep_ratio, 4), round(t.predicted_ratio, 4), round(t.measured_ratio, 4))
+                       "picked": rep.tries[rep.best_try].cost_model,
+                       # (cost model, asked, predicted, measured, divergence) per try: where the table and the
+                       # machine parted, and which met try kept the outputs closest
+                       "per_try": [(t.cost_model, round(t.keep_ratio, 4),
+                                    None if t.predicted_ratio is None else round(t.predicted_ratio, 4),
+                                    round(t.measured_ratio, 4), t.divergence and float(f"{t.divergence:.3g}"))
                                    for t in rep.tries]}
                 row["latency_acc"], row["latency_acc_retrained"] = accuracies(pruned, test, retrain)
                 for method in ("pfp", "tp_magnitude"):

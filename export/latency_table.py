@@ -55,6 +55,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pfp" / "latency_tables"
 # Short: a block is timed dozens of times, and the staircases matter more than the last percent.
 BLOCK_SETTINGS = LatencySettings(warmup=3, warmup_s=0.02, min_iters=10, max_iters=400, min_time_s=0.05,
                                  max_time_s=0.5, rel_ci=0.03)
+REFERENCE_BLOCKS = 3  # cached blocks re-timed to put the cache in the units of this build's model timing
 MODEL_SETTINGS = LatencySettings(warmup=5, warmup_s=0.1, min_iters=20, max_iters=1000, min_time_s=0.3,
                                  max_time_s=3.0, rel_ci=0.02)
 
@@ -450,9 +451,15 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
     input_shape = list(example_input.shape[1:])
     shapes, pairs = blocks_and_pairs(model, example_input, ignore_layers)
     blocks: dict[str, BlockLatency] = {}
-    cached = 0
+    cached, from_cache = 0, []
     with tempfile.TemporaryDirectory(prefix="pfp-latency-") as tmp:
         workdir = Path(tmp)
+
+        def time_block(k: int, shape: BlockShape, tag: str) -> float:
+            torch.manual_seed(0)
+            return time_module(backend, BlockModule(shape, k), shape.producers[0].input_shape, spec,
+                               block_settings or BLOCK_SETTINGS, workdir, tag)
+
         full_ms = time_module(backend, copy.deepcopy(model).cpu(), input_shape, spec,
                               model_settings or MODEL_SETTINGS, workdir, "model")
         for i, (name, shape) in enumerate(shapes.items()):
@@ -467,10 +474,8 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
                 if block is None:
                     t0 = time.perf_counter()
 
-                    def time_at(k: int, shape: BlockShape = shape, name: str = name) -> float:
-                        torch.manual_seed(0)
-                        return time_module(backend, BlockModule(shape, k), shape.producers[0].input_shape, spec,
-                                           block_settings or BLOCK_SETTINGS, workdir, f"block{i}_{k}")
+                    def time_at(k: int, shape: BlockShape = shape, i: int = i) -> float:
+                        return time_block(k, shape, f"block{i}_{k}")
 
                     block = measure_block(shape, time_at, grid, negligible_ms=grid.negligible * full_ms)
                     write_text_atomic(path, json.dumps({"format": CACHE_FORMAT, "key": fields, "machine": key,
@@ -479,13 +484,40 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
                                                         "block": block.model_dump()}, indent=1, default=str))
             cached += hit
             blocks[name] = block
+            if hit:
+                from_cache.append(name)
             if progress:
                 progress(f"block {i + 1}/{len(shapes)} {name}: {len(block.counts)} counts" + (" (cached)" if hit else ""))
+        load_factor = 1.0
+        if from_cache:
+            load_factor = _load_factor(blocks, from_cache, shapes, time_block)
+            blocks.update({n: blocks[n].scaled(load_factor) for n in from_cache})
     seconds = time.perf_counter() - start
     log.info("latency table for %s batch %d %s: %d blocks (%d from the cache) in %.1f s, full model %.4g ms",
              spec.backend, spec.batch, spec.precision, len(blocks), cached, seconds, full_ms)
     return LatencyModel(backend=spec.backend, precision=spec.precision, batch=spec.batch, threads=spec.threads,
-                        machine=key, full_ms=full_ms, blocks=blocks, pairs=pairs, build_seconds=seconds, cached_blocks=cached)
+                        machine=key, full_ms=full_ms, blocks=blocks, pairs=pairs, build_seconds=seconds, cached_blocks=cached,
+                        load_factor=load_factor)
+
+
+def _load_factor(blocks: dict[str, BlockLatency], cached: list[str], shapes: dict[str, BlockShape],
+                 time_block: Callable[[int, BlockShape, str], float]) -> float:
+    """How much slower this machine runs now than when the cached blocks were measured.
+
+    The whole model is timed afresh on every build, so cached blocks measured on a quieter (or
+    busier) moment of the same machine would be in other units than the model they are set
+    against: a loaded machine would make every block look too small to reach the target. The
+    widest cached blocks (the best measured, up to REFERENCE_BLOCKS) are re-timed at full width
+    and the median ratio rescales all cached blocks.
+    """
+    refs = sorted(cached, key=lambda n: blocks[n].ms[-1], reverse=True)[:REFERENCE_BLOCKS]
+    ratios = [time_block(shapes[n].size, shapes[n], f"ref_{j}") / blocks[n].ms[-1]
+              for j, n in enumerate(refs) if blocks[n].ms[-1] > 0]
+    factor = float(np.median(ratios)) if ratios else 1.0
+    if abs(factor - 1) > 0.05:
+        log.info("latency table: cached blocks rescaled by %.3f (this machine runs %s now than when they were "
+                 "measured; %d reference blocks re-timed)", factor, "slower" if factor > 1 else "faster", len(ratios))
+    return factor
 
 
 def cache_size_bytes(cache_dir: str | Path) -> int:

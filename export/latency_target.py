@@ -13,7 +13,7 @@ import copy
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -40,12 +40,17 @@ class LatencyTry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keep_ratio: float = Field(description="the latency fraction asked of the allocator this try")
-    predicted_ratio: float = Field(description="the table's prediction for the pruned model / its full model")
+    keep_ratio: float = Field(description="the fraction asked of the allocator this try (of latency, or of "
+                              "FLOPs for cost_model flops)")
+    cost_model: Literal["table", "flops"] = Field("table", description="what the budgets were allocated on")
+    predicted_ratio: float | None = Field(description="the table's prediction for the pruned model / its full "
+                                          "model; None for FLOPs budgets")
     measured_ratio: float = Field(description="pruned p50 / unpruned p50, timed side by side")
     pruned_ms: float
     unpruned_ms: float
     flops_ratio: float
+    divergence: float | None = Field(None, description="outputs against the unpruned model's on held-out "
+                                     "points (tries that met the target)")
 
 
 class LatencyTargetReport(BaseModel):
@@ -65,6 +70,7 @@ class LatencyTargetReport(BaseModel):
     best_ratio: float | None = None
     table_seconds: float = 0.0
     table_cached_blocks: int = 0
+    table_load_factor: float = 1.0  # cached blocks rescaled by this to the machine's speed at this build
     message: str = ""
 
 
@@ -134,11 +140,14 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
                      ) -> tuple[nn.Module, PruneReport, LatencyTargetReport]:
     """Prune a copy of `model` to keep_ratio of its latency on cfg.latency's backend, measured.
 
-    `table` is the model's latency table (built here when None, through the cache). Returns
-    the pruned model of the try closest to the target, its PruneReport and the report of
-    every try; each try after the first asks for `next_ask` of the ones before. PruneError
-    when even the first try's target is below the floor the protected layers allow;
-    LatencyTableError for a backend or batch that cannot run.
+    `table` is the model's latency table (built here when None, through the cache). Each try
+    after the first asks for `next_ask` of the ones before. When the table's first prediction
+    misses the measurement by more than cfg.latency.flops_fallback, the target is chased a
+    second time with FLOPs budgets; of the tries that met the target, the one whose outputs
+    on held-out points stay closest to the unpruned model's is returned, else the closest to
+    the target. Returns that pruned model, its PruneReport and the report of every try.
+    PruneError when even the first try's target is below the floor the protected layers
+    allow; LatencyTableError for a backend or batch that cannot run.
     """
     if cfg.target != "latency" or cfg.latency is None:
         raise LatencyTableError(f"prune.target is {cfg.target!r}: prune_to_latency needs target latency")
@@ -153,77 +162,155 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
                                     cache_dir=cache_dir, progress=progress)
     report = LatencyTargetReport(backend=spec.backend, batch=spec.batch, precision=spec.precision,
                                  threads=spec.threads, target=keep_ratio, tolerance=spec.tolerance,
-                                 table_seconds=table.build_seconds, table_cached_blocks=table.cached_blocks)
+                                 table_seconds=table.build_seconds, table_cached_blocks=table.cached_blocks,
+                                 table_load_factor=table.load_factor)
     input_shape = list(example_input.shape[1:])
-    best: tuple[nn.Module, PruneReport] | None = None
-    stop = ""
-    asked = keep_ratio
+    closeness = _OutputCloseness(reference_model, holdout_loader or calib_loader, device, divergence)
+    picked = _Pick(keep_ratio, spec.tolerance)
     with tempfile.TemporaryDirectory(prefix="pfp-latency-target-") as tmp:
         workdir = Path(tmp)
         unpruned = load_runner(backend, copy.deepcopy(reference_model).cpu(), input_shape, spec, workdir, "unpruned")
         try:
-            def attempt(ratio: float) -> tuple[nn.Module, PruneReport]:
-                pruned, prep, _ = prune(model, calib_loader, cfg, ratio, example_input=example_input,
+            def attempt(cost_model: str, ratio: float) -> tuple[nn.Module, PruneReport]:
+                run_cfg = cfg if cost_model == "table" else cfg.model_copy(update={"target": "flops"})
+                pruned, prep, _ = prune(model, calib_loader, run_cfg, ratio, example_input=example_input,
                                         postprocess_loader=postprocess_loader, holdout_loader=holdout_loader,
-                                        device=device, seed=seed, latency_model=table, reference=reference,
-                                        divergence=divergence)
+                                        device=device, seed=seed, latency_model=table if cost_model == "table" else None,
+                                        reference=reference, divergence=divergence)
                 return pruned, prep
 
-            floor_tried = False
-            for i in range(spec.tries):
-                try:
-                    pruned, prep = attempt(asked)
-                except PruneError as e:
-                    if i == 0:
-                        raise
-                    if e.floor is None or floor_tried or e.floor * 1.001 >= 1:
-                        stop = f" (the corrected target {asked:.3g} cannot be pruned to: {e})"
-                        break
-                    # the floor is the table's prediction too: measure the most it can prune instead
-                    log.info("corrected target %.3g is below the table's floor %.3g: trying the floor", asked, e.floor)
-                    asked, floor_tried = e.floor * 1.001, True
-                    try:
-                        pruned, prep = attempt(asked)
-                    except PruneError as again:
-                        stop = f" (the table's floor {asked:.3g} cannot be pruned to: {again})"
-                        break
-                runner = load_runner(backend, copy.deepcopy(pruned).cpu(), input_shape, spec, workdir, f"pruned{i}")
+            def time_ratio(pruned: nn.Module, tag: str) -> tuple[float, float]:
+                runner = load_runner(backend, copy.deepcopy(pruned).cpu(), input_shape, spec, workdir, tag)
                 try:
                     p_ms, u_ms = time_side_by_side([runner, unpruned], spec.batch, spec.threads, settings, rounds)
                 finally:
                     runner.close()
-                t = LatencyTry(keep_ratio=asked, predicted_ratio=prep.latency_ms / table.full_ms,
-                               measured_ratio=p_ms / u_ms, pruned_ms=p_ms, unpruned_ms=u_ms,
-                               flops_ratio=prep.flops / prep.original_flops)
-                report.tries.append(t)
-                if progress:
-                    progress(f"try {i + 1}/{spec.tries}: asked {asked:.3g}, predicted {t.predicted_ratio:.3g}, "
-                             f"measured {t.measured_ratio:.3g} (target {keep_ratio:.3g})")
-                if report.best_try is None or \
-                        abs(t.measured_ratio - keep_ratio) < abs(report.tries[report.best_try].measured_ratio - keep_ratio):
-                    report.best_try, best = i, (pruned, prep)
-                if abs(t.measured_ratio / keep_ratio - 1) <= spec.tolerance:
-                    report.met = True
-                    break
-                corrected = next_ask(report.tries, keep_ratio)
-                if corrected >= 1:
-                    stop = " (the correction asks for no pruning at all)"
-                    break
-                asked = corrected
+                return p_ms, u_ms
+
+            chase = _Chase(attempt, time_ratio, report, picked, closeness, keep_ratio, spec.tries, progress, table)
+            stop = chase.run("table")
+            first = report.tries[0]
+            miss = abs(first.measured_ratio / first.predicted_ratio - 1)
+            if spec.flops_fallback is not None and miss > spec.flops_fallback:
+                log.info("the latency table predicted %.3g and %.3g was measured (%.0f%% off): chasing the target "
+                         "with FLOPs budgets too", first.predicted_ratio, first.measured_ratio, 100 * miss)
+                stop = chase.run("flops") or stop
         finally:
             unpruned.close()
-    assert best is not None  # the first try either raised or was recorded
+    pruned, prep = picked.model
+    report.best_try = picked.index
     b = report.tries[report.best_try]
     report.best_ratio = b.measured_ratio
+    report.met = abs(b.measured_ratio / keep_ratio - 1) <= spec.tolerance
     where = f"{spec.backend} batch {spec.batch} {spec.precision}"
+    how = "" if b.cost_model == "table" else " with FLOPs budgets (the table missed this backend's costs)"
     if report.met:
+        predicted = f"predicted {b.predicted_ratio:.3g}, " if b.cost_model == "table" else ""
         report.message = (f"latency target {keep_ratio:.3g} met on {where}: measured {b.measured_ratio:.3g} "
-                          f"of the unpruned model (predicted {b.predicted_ratio:.3g}), try {report.best_try + 1}")
+                          f"of the unpruned model ({predicted}try {report.best_try + 1}){how}")
     else:
         report.message = (f"latency target {keep_ratio:.3g} not met on {where} within {spec.tolerance:.0%}: best "
                           f"measured ratio {b.measured_ratio:.3g} after {len(report.tries)} tries{stop}")
     log.info(report.message)
-    return best[0], best[1], report
+    return pruned, prep, report
+
+
+class _OutputCloseness:
+    """Divergence of a pruned model's outputs from the unpruned model's, on a few held-out batches."""
+
+    def __init__(self, reference: nn.Module, loader, device: str, divergence=None, batches: int = 4) -> None:
+        from pfp.probe import divergence as default_divergence
+
+        self.divergence = divergence or default_divergence
+        self.device = device
+        self.xs = [b[0] for _, b in zip(range(batches), loader)]  # (inputs, targets), as the probe reads them
+        self._y: list[torch.Tensor] | None = None
+        self.reference = reference
+
+    @torch.no_grad()
+    def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        was = model.training
+        model.eval()
+        try:
+            return [model(x.to(self.device)).float().cpu() for x in self.xs]
+        finally:
+            model.train(was)
+
+    def __call__(self, pruned: nn.Module) -> float:
+        if self._y is None:
+            self._y = self._outputs(self.reference)
+        # a KL of nearly equal outputs can round below zero
+        return max(0.0, float(self.divergence(torch.cat(self._y), torch.cat(self._outputs(pruned)))))
+
+
+class _Pick:
+    """The try to return: the closest outputs among those that met the target, else the closest ratio."""
+
+    def __init__(self, target: float, tolerance: float) -> None:
+        self.target, self.tolerance = target, tolerance
+        self.index: int | None = None
+        self.model: tuple[nn.Module, PruneReport] | None = None
+        self._key: tuple[int, float] | None = None
+
+    def met(self, t: LatencyTry) -> bool:
+        return abs(t.measured_ratio / self.target - 1) <= self.tolerance
+
+    def offer(self, i: int, t: LatencyTry, model: tuple[nn.Module, PruneReport]) -> None:
+        # met tries rank first (by divergence), then the others by their distance to the target
+        key = (0, t.divergence if t.divergence is not None else float("inf")) if self.met(t) \
+            else (1, abs(t.measured_ratio - self.target))
+        if self._key is None or key < self._key:
+            self.index, self.model, self._key = i, model, key
+
+
+class _Chase:
+    """Up to `tries` prune-export-measure rounds on one cost model, each correcting the ask."""
+
+    def __init__(self, attempt, time_ratio, report: LatencyTargetReport, picked: _Pick, closeness: _OutputCloseness,
+                 target: float, tries: int, progress, table: LatencyModel) -> None:
+        self.attempt, self.time_ratio, self.report, self.picked = attempt, time_ratio, report, picked
+        self.closeness, self.target, self.tries, self.progress, self.table = closeness, target, tries, progress, table
+
+    def run(self, cost_model: str) -> str:
+        """Chase the target on `cost_model` ("table" or "flops"); returns why it stopped early ("" if not)."""
+        mine: list[LatencyTry] = []
+        asked, floor_tried = self.target, False
+        for _ in range(self.tries):
+            try:
+                pruned, prep = self.attempt(cost_model, asked)
+            except PruneError as e:
+                if not self.report.tries:
+                    raise
+                if e.floor is None or floor_tried or e.floor * 1.001 >= 1:
+                    return f" (the corrected target {asked:.3g} cannot be pruned to: {e})"
+                # the floor is the cost model's prediction too: measure the most it can prune instead
+                log.info("corrected target %.3g is below the %s floor %.3g: trying the floor", asked, cost_model, e.floor)
+                asked, floor_tried = e.floor * 1.001, True
+                try:
+                    pruned, prep = self.attempt(cost_model, asked)
+                except PruneError as again:
+                    return f" (the {cost_model} floor {asked:.3g} cannot be pruned to: {again})"
+            i = len(self.report.tries)
+            p_ms, u_ms = self.time_ratio(pruned, f"pruned{i}")
+            t = LatencyTry(keep_ratio=asked, cost_model=cost_model, measured_ratio=p_ms / u_ms, pruned_ms=p_ms,
+                           unpruned_ms=u_ms, flops_ratio=prep.flops / prep.original_flops,
+                           predicted_ratio=prep.latency_ms / self.table.full_ms if cost_model == "table" else None)
+            if self.picked.met(t):
+                t.divergence = self.closeness(pruned)
+            self.report.tries.append(t)
+            mine.append(t)
+            self.picked.offer(i, t, (pruned, prep))
+            if self.progress:
+                predicted = f"predicted {t.predicted_ratio:.3g}, " if t.predicted_ratio is not None else ""
+                self.progress(f"try {i + 1} ({cost_model}): asked {asked:.3g}, {predicted}"
+                              f"measured {t.measured_ratio:.3g} (target {self.target:.3g})")
+            if self.picked.met(t):
+                return ""
+            corrected = next_ask(mine, self.target)
+            if corrected >= 1:
+                return " (the correction asks for no pruning at all)"
+            asked = corrected
+        return ""
 
 
 def prune_round(setup, model: nn.Module, cfg: PruneConfig, keep_ratio: float, *, seed: int,

@@ -93,6 +93,11 @@ class BlockLatency(BaseModel):
         """Predicted latency with k channels kept (clamped to 0..size)."""
         return float(self._dense[max(0, min(int(k), self.size))])
 
+    def scaled(self, factor: float) -> "BlockLatency":
+        """The same block with every latency multiplied by `factor` (levels are relative, so they stay)."""
+        # a new instance, not model_copy: that would carry the cached envelope along
+        return BlockLatency(**{**self.model_dump(), "ms": [v * factor for v in self.ms]})
+
     def staircase_counts(self) -> list[int]:
         """For each latency level, the largest count at that level (ascending)."""
         lv = self.levels
@@ -134,6 +139,8 @@ class LatencyModel(BaseModel):
     pairs: list[LayerPair] = Field(default_factory=list, description="layers shared by two blocks")
     build_seconds: float = 0.0
     cached_blocks: int = Field(0, ge=0, description="blocks read from the cache instead of measured")
+    load_factor: float = Field(1.0, gt=0, description="cached blocks were multiplied by this to match the "
+                                                      "machine's speed when full_ms was measured")
 
     def block_delta(self, name: str, k: int) -> float:
         """ms the model gains (negative: saves) with k channels kept in group `name`."""

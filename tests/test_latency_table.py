@@ -201,7 +201,10 @@ def test_cache_hit_miss_and_another_machine(built, caplog):
     table, cache, spec = built
     again = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=cache, grid=GRID,
                                 block_settings=FAST, model_settings=FAST)
-    assert again.cached_blocks == 2 and again.blocks == table.blocks  # a hit: read, not re-measured
+    assert again.cached_blocks == 2  # a hit: read, not re-measured, then put in this build's units
+    for name, b in again.blocks.items():
+        assert b.counts == table.blocks[name].counts
+        assert b.ms == pytest.approx([v * again.load_factor for v in table.blocks[name].ms])
 
     other_batch = build_latency_table(TinyNet().eval(), _x(), spec.model_copy(update={"batch": 1}), cache_dir=cache,
                                       grid=GRID, block_settings=FAST, model_settings=FAST)
@@ -214,6 +217,32 @@ def test_cache_hit_miss_and_another_machine(built, caplog):
     assert elsewhere.cached_blocks == 0
     why = [r.getMessage() for r in caplog.records if "another machine" in r.getMessage()]
     assert why and "Other CPU" in why[0] and "not used" in why[0]
+
+
+def test_cached_blocks_follow_the_machine_load_of_this_build(built, tmp_path, caplog):
+    # the cache says the blocks took half their time: measured on a quieter moment of this
+    # machine. Against a model timed now, they would be in other units; the build rescales them.
+    table, cache, spec = built
+    for f in cache.glob("*.json"):
+        d = json.loads(f.read_text())
+        if d["key"]["batch"] == spec.batch and d["machine"] == machine_key():
+            d["block"]["ms"] = [v * 0.5 for v in d["block"]["ms"]]
+            (tmp_path / f.name).write_text(json.dumps(d))
+    with caplog.at_level(logging.INFO, logger="export.latency_table"):
+        t = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=tmp_path, grid=GRID,
+                                block_settings=FAST, model_settings=FAST)
+    assert t.cached_blocks == 2
+    assert 1.4 < t.load_factor < 3.0  # about 2, with the noise of a shared machine
+    assert any("rescaled" in r.getMessage() and "slower" in r.getMessage() for r in caplog.records)
+    for name, b in t.blocks.items():
+        assert b.ms == pytest.approx([v * 0.5 * t.load_factor for v in table.blocks[name].ms])
+        assert b.levels == table.blocks[name].levels  # staircases are relative: scaling keeps them
+
+
+def test_a_scaled_block_recomputes_its_envelope():
+    b = BlockLatency(size=4, counts=[1, 2, 3, 4], ms=[1.0, 1.0, 2.0, 2.0])
+    assert b.at(4) == 2.0  # fills the cached envelope
+    assert b.scaled(3.0).at(4) == pytest.approx(6.0) and b.scaled(3.0).staircase_counts() == [2, 4]
 
 
 def _describe_other() -> dict:
@@ -317,8 +346,8 @@ def test_an_unknown_backend_and_a_batch_the_backend_cannot_run_are_one_line():
 
 def test_prune_to_latency_measures_and_corrects(built):
     table, _, spec = built
-    cfg = PruneConfig(method="pfp", target="latency", calib_size=64,
-                      latency=spec.model_copy(update={"tries": 3, "tolerance": 0.05}))
+    cfg = PruneConfig(method="pfp", target="latency", calib_size=64,  # the table's own chase only
+                      latency=spec.model_copy(update={"tries": 3, "tolerance": 0.05, "flops_fallback": None}))
     pruned, prep, report = prune_to_latency(TinyNet().eval(), _calib(), cfg, 0.7, example_input=_x(), table=table,
                                             settings=FAST, rounds=2)
     assert 1 <= len(report.tries) <= 3
@@ -347,7 +376,7 @@ def test_a_correction_below_the_tables_floor_tries_the_floor_once(built):
               latency_model=table)
     assert floor.value.floor == pytest.approx(4 / 7)
     cfg = PruneConfig(method="pfp", target="latency", calib_size=64,
-                      latency=spec.model_copy(update={"tries": 3, "tolerance": 0.01}))
+                      latency=spec.model_copy(update={"tries": 3, "tolerance": 0.01, "flops_fallback": None}))
     _, _, report = prune_to_latency(model, _calib(), cfg, 0.6, example_input=_x(), table=table, settings=FAST,
                                     rounds=2)
     first = report.tries[0]
@@ -358,6 +387,51 @@ def test_a_correction_below_the_tables_floor_tries_the_floor_once(built):
     assert sum(t.keep_ratio == pytest.approx(4 / 7 * 1.001) for t in report.tries) == 1
     assert len(report.tries) == 2 or report.tries[2].keep_ratio > 4 / 7
     assert "\n" not in report.message
+
+
+def test_a_table_that_misses_is_chased_with_flops_budgets_too(built):
+    # a tolerance so wide that every try meets the target (a model this small times mostly overhead,
+    # its pruned copy can measure slower): then the closest outputs decide
+    table, _, spec = built
+    cfg = PruneConfig(method="pfp", target="latency", calib_size=64,
+                      latency=spec.model_copy(update={"tries": 2, "tolerance": 0.9, "flops_fallback": 1e-9}))
+    pruned, prep, report = prune_to_latency(TinyNet().eval(), _calib(), cfg, 0.9, example_input=_x(), table=table,
+                                            settings=FAST, rounds=2)
+    assert [t.cost_model for t in report.tries] == ["table", "flops"], report.tries
+    table_try, flops_try = report.tries
+    assert table_try.predicted_ratio is not None and flops_try.predicted_ratio is None
+    assert flops_try.keep_ratio == 0.9 and flops_try.flops_ratio == pytest.approx(0.9, abs=0.09)
+    assert all(t.divergence is not None and t.divergence >= 0 for t in report.tries), report.tries
+    assert report.best_try == min((0, 1), key=lambda i: report.tries[i].divergence)
+    assert report.met and "\n" not in report.message
+    assert ("FLOPs budgets" in report.message) == (report.best_try == 1)
+    assert prep.target == ("latency" if report.best_try == 0 else "flops")
+    assert prep.flops / prep.original_flops == pytest.approx(report.tries[report.best_try].flops_ratio)
+
+    cfg_off = cfg.model_copy(update={"latency": cfg.latency.model_copy(update={"flops_fallback": None})})
+    _, _, only = prune_to_latency(TinyNet().eval(), _calib(), cfg_off, 0.6, example_input=_x(), table=table,
+                                  settings=FAST, rounds=2)
+    assert [t.cost_model for t in only.tries] == ["table"]
+
+
+def test_the_pick_prefers_met_tries_by_divergence_then_the_nearest_ratio():
+    from export.latency_target import _Pick
+
+    def t(measured: float, div: float | None = None) -> LatencyTry:
+        return LatencyTry(keep_ratio=0.5, predicted_ratio=None, cost_model="flops", measured_ratio=measured,
+                          pruned_ms=measured, unpruned_ms=1.0, flops_ratio=0.5, divergence=div)
+
+    pick = _Pick(0.5, 0.05)
+    pick.offer(0, t(0.60), "a")
+    pick.offer(1, t(0.56), "b")
+    assert pick.index == 1  # none met: the nearest
+    pick.offer(2, t(0.51, div=0.3), "c")
+    pick.offer(3, t(0.49, div=0.1), "d")
+    pick.offer(4, t(0.50, div=0.2), "e")
+    assert (pick.index, pick.model) == (3, "d")  # met: the closest outputs, not the nearest ratio
+    pick.offer(5, t(0.502), "f")  # met, outputs not measured: ranks after every measured one
+    pick.offer(6, t(0.40), "g")
+    assert (pick.index, pick.model) == (3, "d")
 
 
 def test_prune_to_latency_needs_target_latency():
