@@ -76,6 +76,7 @@ class PruneReport:
     postprocess: dict | None = None
     latency_ms: float | None = None  # target latency: the table's prediction for the kept counts
     reference_latency_ms: float | None = None  # target latency: the table's unpruned model, measured
+    measured_latency_ratio: float | None = None  # target latency: this model / the unpruned one, timed side by side
 
     @property
     def achieved(self) -> float:
