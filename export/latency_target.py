@@ -6,6 +6,12 @@ hits both alike). A measured ratio more than `tolerance` off the target corrects
 ratio given to the allocator by target / measured, and the model is pruned again from the
 unpruned one, at most `tries` times. The report lists target, prediction and measurement
 of every try and ends in one line: met, or not met with the best ratio reached.
+
+Where the table's first prediction misses the measurement by more than `flops_fallback`, it
+does not see this backend's costs (per-operator overheads, layout changes at batch 1), and
+its budgets may cut where the time does not go: the target is chased again with the method's
+FLOPs budgets, and of the tries that met it, the one whose outputs stay closest to the
+unpruned model's on held-out points is kept.
 """
 from __future__ import annotations
 
