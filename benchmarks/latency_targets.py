@@ -159,7 +159,7 @@ def main() -> None:
         workdir = Path(tmp)
         for batch in [int(b) for b in args.batches.split(",")]:
             spec = LatencyTargetConfig(backend="ort-cpu", batch=batch, threads=args.threads, tries=args.tries,
-                                       flops_fallback=None if args.flops_fallback == "none" else float(args.flops_fallback))
+                                       flops_fallback=None if args.flops_fallback.lower() == "none" else float(args.flops_fallback))
             cache = args.cache_dir or workdir / f"cache_b{batch}"
             t0 = time.perf_counter()
             table = build_latency_table(model, x, spec, cache_dir=cache, grid=grid, block_settings=block_settings,

@@ -173,7 +173,7 @@ class LatencyTargetConfig(StrictModel):
     tries: int = Field(3, ge=1, description="prune-export-measure rounds at most, each correcting the target")
     tolerance: float = Field(0.05, gt=0, lt=1, description="measured/target ratio within 1 +- this is met")
     flops_fallback: float | None = Field(
-        0.1, gt=0, description="when the table's first prediction misses the measured ratio by more than this "
+        None, gt=0, description="when the table's first prediction misses the measured ratio by more than this "
         "share, chase the target with FLOPs budgets too and keep the met model closest to the unpruned one; "
         "None: the table only")
     cache_dir: str | None = Field(None, description="latency table cache; None: ~/.cache/pfp/latency_tables")

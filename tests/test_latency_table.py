@@ -421,18 +421,21 @@ def test_a_table_that_misses_is_chased_with_flops_budgets_too(built):
                       latency=spec.model_copy(update={"tries": 2, "tolerance": 0.9, "flops_fallback": 1e-9}))
     pruned, prep, report = prune_to_latency(TinyNet().eval(), _calib(), cfg, 0.9, example_input=_x(), table=table,
                                             settings=FAST, rounds=2)
-    assert [t.cost_model for t in report.tries] == ["table", "flops"], report.tries
-    table_try, flops_try = report.tries
+    kinds = [t.cost_model for t in report.tries]
+    assert kinds[0] == "table" and len(kinds) >= 2 and set(kinds[1:]) == {"flops"}, report.tries
+    table_try, flops_try = report.tries[0], report.tries[1]
     assert table_try.predicted_ratio is not None and flops_try.predicted_ratio is None
     assert flops_try.keep_ratio == 0.9 and flops_try.flops_ratio == pytest.approx(0.9, abs=0.09)
-    assert all(t.divergence is not None and t.divergence >= 0 for t in report.tries), report.tries
-    assert report.best_try == min((0, 1), key=lambda i: report.tries[i].divergence)
+    met = [i for i, t in enumerate(report.tries) if abs(t.measured_ratio / 0.9 - 1) <= 0.9]
+    assert met and all(report.tries[i].divergence is not None and report.tries[i].divergence >= 0 for i in met)
+    assert report.best_try == min(met, key=lambda i: report.tries[i].divergence)
     assert report.met and "\n" not in report.message
-    assert ("FLOPs budgets" in report.message) == (report.best_try == 1)
-    assert prep.target == ("latency" if report.best_try == 0 else "flops")
-    assert prep.measured_latency_ratio == report.best_ratio
-    assert any("budgets on FLOPs" in n for n in prep.allocation_notes) == (report.best_try == 1)
+    chose_flops = report.tries[report.best_try].cost_model == "flops"
+    assert ("FLOPs budgets" in report.message) == chose_flops
+    assert prep.target == ("flops" if chose_flops else "latency")
     assert prep.flops / prep.original_flops == pytest.approx(report.tries[report.best_try].flops_ratio)
+    assert prep.measured_latency_ratio == report.best_ratio
+    assert any("budgets on FLOPs" in n for n in prep.allocation_notes) == chose_flops
 
     cfg_off = cfg.model_copy(update={"latency": cfg.latency.model_copy(update={"flops_fallback": None})})
     _, _, only = prune_to_latency(TinyNet().eval(), _calib(), cfg_off, 0.6, example_input=_x(), table=table,
