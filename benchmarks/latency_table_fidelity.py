@@ -7,6 +7,7 @@ repeats that agree and a prediction that does not say the table, not the timing,
 
     .venv/bin/python benchmarks/latency_table_fidelity.py --model resnet20 --batch 1
     .venv/bin/python benchmarks/latency_table_fidelity.py --model resnet56 --batch 32 --asks 0.5,0.3 --methods pfp
+    .venv/bin/python benchmarks/latency_table_fidelity.py --context-s 0 --calibration ''   # the blocks alone
 
 Weights are random and calibration images are noise: latency does not depend on either.
 """
@@ -39,6 +40,10 @@ def main() -> None:
     ap.add_argument("--methods", default="ft,pfp", help="ft: uniform allocation; pfp: its measured-divergence search")
     ap.add_argument("--repeat", type=int, default=2, help="side-by-side timings per pruned model")
     ap.add_argument("--cache-dir", type=Path, default=None, help="table cache (default: a fresh one, a real build)")
+    ap.add_argument("--context-s", type=float, default=LatencyTargetConfig().context_s,
+                    help="seconds for timing groups' staircase tops in the whole model (0: none)")
+    ap.add_argument("--calibration", default=",".join(str(w) for w in LatencyTargetConfig().calibration),
+                    help="uniform widths that set the realized share ('': none, the blocks' sum as it is)")
     args = ap.parse_args()
     console = Console(width=140)
 
@@ -46,14 +51,17 @@ def main() -> None:
     model = build_model(args.model, 10, 1, args.size).eval()
     calib = [(torch.randn(64, 1, args.size, args.size), torch.zeros(64, dtype=torch.long))]
     x = calib[0][0][:1]
-    spec = LatencyTargetConfig(backend="ort-cpu", batch=args.batch, threads=args.threads)
+    spec = LatencyTargetConfig(backend="ort-cpu", batch=args.batch, threads=args.threads, context_s=args.context_s,
+                               calibration=[float(w) for w in args.calibration.split(",") if w])
     backend = check_target(spec)
     with tempfile.TemporaryDirectory(prefix="pfp-fidelity-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
         table = build_latency_table(model, x, spec, cache_dir=args.cache_dir or work / "cache")
         console.print(f"{args.model} table at batch {args.batch}: {len(table.blocks)} blocks in "
-                      f"{time.perf_counter() - t:.1f} s; full model {table.full_ms:.3f} ms")
+                      f"{time.perf_counter() - t:.1f} s ({len(table.in_context)} groups timed in context); full model {table.full_ms:.3f} ms; {table.realized:.0%} of the "
+                      f"blocks' savings realized (" + ", ".join(f"uniform {c.width:.0%}: blocks {c.predicted_ratio:.3f}, "
+                                                                 f"measured {c.measured_ratio:.3f}" for c in table.calibration) + ")")
         unpruned = load_runner(backend, copy.deepcopy(model), list(x.shape[1:]), spec, work, "unpruned")
         out = Table("method", "ask", "predicted", "measured", "measured / predicted", "FLOPs kept")
         try:

@@ -121,6 +121,8 @@ def main() -> None:
                     help="tries for the FLOPs-targeted models to reach the latency target's measured latency")
     ap.add_argument("--flops-fallback", default=str(LatencyTargetConfig().flops_fallback),
                     help="prune.latency.flops_fallback for the latency target ('none': the table only)")
+    ap.add_argument("--calibration", default=",".join(str(w) for w in LatencyTargetConfig().calibration),
+                    help="prune.latency.calibration: uniform widths timed on the whole model ('': the blocks alone)")
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--limit-train", type=int, default=6000)
@@ -159,6 +161,7 @@ def main() -> None:
         workdir = Path(tmp)
         for batch in [int(b) for b in args.batches.split(",")]:
             spec = LatencyTargetConfig(backend="ort-cpu", batch=batch, threads=args.threads, tries=args.tries,
+                                       calibration=[float(w) for w in args.calibration.split(",") if w],
                                        flops_fallback=None if args.flops_fallback.lower() == "none" else float(args.flops_fallback))
             cache = args.cache_dir or workdir / f"cache_b{batch}"
             t0 = time.perf_counter()
@@ -167,7 +170,8 @@ def main() -> None:
             build_s = time.perf_counter() - t0
             size = cache_size_bytes(cache)
             console.print(f"batch {batch}: table of {len(table.blocks)} blocks built in {build_s:.1f} s "
-                          f"({table.cached_blocks} cached), {size / 1024:.1f} KiB on disk, full model {table.full_ms:.3f} ms")
+                          f"({table.cached_blocks} cached), {size / 1024:.1f} KiB on disk, full model {table.full_ms:.3f} ms, "
+                          f"{table.realized:.0%} of the blocks' savings realized")
             for target in [float(t) for t in args.targets.split(",")]:
                 cfg = PruneConfig(method="pfp", target="latency", calib_size=args.calib, latency=spec)
                 try:

@@ -11,7 +11,8 @@ the machine they were measured on, as JSON and as a rich table.
 A measurement that did not converge can be repeated with a longer budget:
 `longer_settings` is the policy (3x the time, bounded) and `remeasure_longer` re-times the
 batch sizes whose result did not converge, marking the new results as a later attempt, so a
-decision taken on them (deploy.gate) can record both.
+decision taken on them (deploy.gate) can record both. `time_side_by_side` times several
+runners in interleaved rounds, so that a ratio of two is not a ratio of two machine loads.
 
 The statistics are small pure functions (`summarize`, `median_ci_ranks`, `median_ci`,
 `median_ci_rel`, `quantile_ci`) so they can be checked on their own.
@@ -327,6 +328,31 @@ def measure(
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     m = _measure(step, timer, synchronize, settings or LatencySettings())
     return m.times_ms, m.converged, m.ci_rel
+
+
+# Each try times both models for about this long in all: enough for a ratio within a few percent.
+SIDE_BY_SIDE = LatencySettings(warmup=5, warmup_s=0.1, min_iters=20, max_iters=2000, min_time_s=0.5,
+                               max_time_s=3.0, rel_ci=0.02)
+
+
+def time_side_by_side(runners: Sequence[Runner], batch: int, threads: int | None, settings: LatencySettings,
+                      rounds: int) -> list[float]:
+    """p50 ms of each runner, measured in `rounds` interleaved rounds (order rotating) and pooled."""
+    per_round = settings.model_copy(update={
+        "min_iters": max(5, settings.min_iters // rounds), "max_iters": max(5, settings.max_iters // rounds),
+        "min_time_s": settings.min_time_s / rounds,
+        "max_time_s": max(settings.max_time_s / rounds, settings.min_time_s / rounds),
+    })
+    times: list[list[float]] = [[] for _ in runners]
+    order = list(range(len(runners)))
+    for r in range(rounds):
+        for i in order[r % len(order):] + order[: r % len(order)]:
+            runner = runners[i]
+            with pin_cpu_threads(threads if runner.device == "cpu" else None):
+                ts, _, _ = measure(runner.timed_step(batch), batch=batch, timer=runner.timer,
+                                   synchronize=runner.synchronize, settings=per_round)
+            times[i].extend(ts)
+    return [float(np.median(t)) for t in times]
 
 
 # ----------------------------------------------------------------------------- results

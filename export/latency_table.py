@@ -10,6 +10,14 @@ Counts: every count for narrow groups; for wide ones a coarse grid, then refinem
 between neighbouring counts whose latencies differ by more than a step, biggest jumps
 first, within `max_points` measurements per block, so build time stays bounded.
 
+A block timed on its own is not the block inside the model (a runtime lays out and fuses a
+lone block unlike the model's chain of layers), so the whole model then corrects the table
+(export.latency_calibration): each group's staircase tops are timed in the model, within
+`prune.latency.context_s` (cached beside the blocks in context-<hash>-<machine>.json, keyed by
+all of the model's block shapes), and the model pruned uniformly at the
+`prune.latency.calibration` widths sets the share of the predicted savings it realizes (timed
+at every build, as the full model is).
+
 Each block's measurements are cached as JSON under the cache dir, in a file named by a hash
 of (backend, precision, batch, threads, block shape, grid) and of the machine key (the parts
 of export.machine.describe_machine that change latency, not the host name: one device class
@@ -38,18 +46,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from export.backends import Backend, BackendError, BackendUnavailable, BuildSpec, ModelBundle, Runner, get_backend
 from export.backends.base import random_input
 from export.errors import ExportPackageError
-from export.latency import LatencySettings, measure
+from export.latency import SIDE_BY_SIDE, LatencySettings, measure, time_side_by_side
+from export.latency_calibration import apply_context, calibrate, context_counts, time_in_context
 from export.machine import describe_machine, machine_summary, pin_cpu_threads
 from export.onnx_export import MAX_BATCH, ExportError, export_onnx
 from pfp.config import LatencyTargetConfig
 from pfp.files import write_text_atomic
 from pfp.groups import PruningGraph, is_depthwise
 from pfp.hooks import eval_mode
-from pfp.latency_model import BlockLatency, LatencyModel, LayerPair
+from pfp.latency_model import BlockLatency, CalibrationPoint, LatencyModel, LayerPair, realized_share
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "pfp-latency-block/1"
+CONTEXT_FORMAT = "pfp-latency-context/1"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pfp" / "latency_tables"
 
 # Short: a block is timed dozens of times, and the staircases matter more than the last percent.
@@ -434,12 +444,17 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
                         ignore_layers: Sequence[str] = (), cache_dir: str | Path | None = None,
                         grid: GridSettings | None = None, block_settings: LatencySettings | None = None,
                         model_settings: LatencySettings | None = None, machine: dict | None = None,
-                        progress: Callable[[str], None] | None = None) -> LatencyModel:
+                        progress: Callable[[str], None] | None = None,
+                        whole_settings: LatencySettings | None = None) -> LatencyModel:
     """The latency table of `model` on spec's backend: every block timed (or read from the cache).
 
     `example_input` gives one sample's shape; `machine` is the machine description to key the
     cache with (None: this machine's). The whole model is timed at full width every time: it
-    is the table's reference. build_seconds counts this call, cache reads included.
+    is the table's reference. Then, within spec.context_s, each group's staircase tops are timed
+    in the whole model, and the model pruned uniformly at each of spec.calibration sets
+    `realized`; those are timed side by side with the unpruned model (`whole_settings`; default
+    `model_settings`, else export.latency.SIDE_BY_SIDE). build_seconds counts this call, cache
+    reads included.
     """
     start = time.perf_counter()
     backend = check_target(spec)
@@ -492,12 +507,80 @@ def build_latency_table(model: nn.Module, example_input: torch.Tensor, spec: Lat
         if from_cache:
             load_factor = _load_factor(blocks, from_cache, shapes, time_block)
             blocks.update({n: blocks[n].scaled(load_factor) for n in from_cache})
+        table = LatencyModel(backend=spec.backend, precision=spec.precision, batch=spec.batch, threads=spec.threads,
+                             machine=key, full_ms=full_ms, blocks=blocks, pairs=pairs, cached_blocks=cached,
+                             load_factor=load_factor)
+        whole = (whole_settings or model_settings or SIDE_BY_SIDE).model_copy(update={"threads": spec.threads})
+        table, points = _on_the_whole_model(table, model, example_input, spec, backend, whole, workdir, cache, key,
+                                            shapes, grid, ignore_layers, progress)
     seconds = time.perf_counter() - start
-    log.info("latency table for %s batch %d %s: %d blocks (%d from the cache) in %.1f s, full model %.4g ms",
-             spec.backend, spec.batch, spec.precision, len(blocks), cached, seconds, full_ms)
-    return LatencyModel(backend=spec.backend, precision=spec.precision, batch=spec.batch, threads=spec.threads,
-                        machine=key, full_ms=full_ms, blocks=blocks, pairs=pairs, build_seconds=seconds, cached_blocks=cached,
-                        load_factor=load_factor)
+    realized = realized_share(points)
+    log.info("latency table for %s batch %d %s: %d blocks (%d from the cache, %d timed in context) in %.1f s, "
+             "full model %.4g ms, %.0f%% of the blocks' savings realized", spec.backend, spec.batch, spec.precision,
+             len(blocks), cached, len(table.in_context), seconds, full_ms, 100 * realized)
+    return table.model_copy(update={"build_seconds": seconds, "realized": realized, "calibration": points})
+
+
+def _on_the_whole_model(table: LatencyModel, model: nn.Module, example_input: torch.Tensor,
+                        spec: LatencyTargetConfig, backend: Backend, settings: LatencySettings, workdir: Path,
+                        cache: Path, machine: dict, shapes: dict[str, BlockShape], grid: GridSettings,
+                        ignore_layers: Sequence[str], progress: Callable[[str], None] | None,
+                        ) -> tuple[LatencyModel, list[CalibrationPoint]]:
+    """`table` with its groups timed in context (cached by the model's blocks), and its calibration
+    points. A model that cannot be pruned uniformly or run so gives no points (with a warning):
+    the table then predicts with the blocks' sum as it is."""
+    if spec.context_s <= 0 and not spec.calibration:
+        return table, []
+    input_shape = list(example_input.shape[1:])
+    full = load_runner(backend, copy.deepcopy(model).cpu(), input_shape, spec, workdir, "reference")
+
+    def time_ratio(pruned: nn.Module, tag: str) -> float:
+        runner = load_runner(backend, pruned, input_shape, spec, workdir, tag)
+        try:
+            p_ms, u_ms = time_side_by_side([runner, full], spec.batch, spec.threads, settings, 3)
+        finally:
+            runner.close()
+        return p_ms / u_ms
+
+    points: list[CalibrationPoint] = []
+    try:
+        if spec.context_s > 0:
+            fields = {"format": CONTEXT_FORMAT, "backend": spec.backend, "precision": spec.precision,
+                      "batch": spec.batch, "threads": spec.threads, "input": input_shape,
+                      "blocks": {n: sh.model_dump() for n, sh in shapes.items()}, "grid": grid.model_dump()}
+            # beside the block files, so flows.latency_tables copies them to and from MLflow too
+            path = cache / f"context-{_hash(fields)[:24]}-{_hash(machine)[:12]}.json"
+            with FileLock(str(path) + ".lock"):
+                known = _read_context(path, fields, machine, table)
+                ratios = time_in_context(table, model, example_input, time_ratio, spec.context_s, ignore_layers,
+                                         known, progress)
+                if ratios != known:
+                    write_text_atomic(path, json.dumps({"format": CONTEXT_FORMAT, "key": fields, "machine": machine,
+                                                        "ratios": ratios}, indent=1, default=str))
+            table = apply_context(table, ratios)
+        points = calibrate(table, model, example_input, spec.calibration, time_ratio, ignore_layers, progress)
+    except Exception as e:  # noqa: BLE001 - a model the uniform prune or the backend cannot take
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("latency table: not calibrated on the whole model (%s); the blocks' sum predicts as it is", first)
+    finally:
+        full.close()
+    return table, points
+
+
+def _read_context(path: Path, fields: dict, machine: dict, table: LatencyModel) -> dict[str, dict[int, float]]:
+    """Cached in-context ratios of the groups whose staircase tops are still those the table has."""
+    try:
+        d = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if d.get("key") != fields or d.get("machine") != machine:
+        return {}
+    out = {}
+    for name, rows in (d.get("ratios") or {}).items():
+        ratios = {int(c): float(r) for c, r in rows.items()}
+        if name in table.blocks and sorted(ratios) == context_counts(table.blocks[name]):
+            out[name] = ratios
+    return out
 
 
 def _load_factor(blocks: dict[str, BlockLatency], cached: list[str], shapes: dict[str, BlockShape],

@@ -21,26 +21,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.backends import Runner
-from export.latency import LatencySettings, measure
+from export.latency import SIDE_BY_SIDE, LatencySettings, time_side_by_side
 from export.latency_table import LatencyTableError, build_latency_table, check_target, load_runner
-from export.machine import pin_cpu_threads
 from pfp.config import PruneConfig
 from pfp.latency_model import LatencyModel
 from pfp.probe import divergence as default_divergence
 from pfp.prune import PruneError, PruneReport, prune
 
 log = logging.getLogger(__name__)
-
-# Each try times both models for about this long in all: enough for a ratio within a few percent.
-SIDE_BY_SIDE = LatencySettings(warmup=5, warmup_s=0.1, min_iters=20, max_iters=2000, min_time_s=0.5,
-                               max_time_s=3.0, rel_ci=0.02)
-
 
 class LatencyTry(BaseModel):
     """One prune-export-measure round."""
@@ -78,27 +70,8 @@ class LatencyTargetReport(BaseModel):
     table_seconds: float = 0.0
     table_cached_blocks: int = 0
     table_load_factor: float = 1.0  # cached blocks rescaled by this to the machine's speed at this build
+    table_realized: float = 1.0  # share of the blocks' predicted savings the whole model realized (calibration)
     message: str = ""
-
-
-def time_side_by_side(runners: Sequence[Runner], batch: int, threads: int | None, settings: LatencySettings,
-                  rounds: int) -> list[float]:
-    """p50 ms of each runner, measured in `rounds` interleaved rounds (order rotating) and pooled."""
-    per_round = settings.model_copy(update={
-        "min_iters": max(5, settings.min_iters // rounds), "max_iters": max(5, settings.max_iters // rounds),
-        "min_time_s": settings.min_time_s / rounds,
-        "max_time_s": max(settings.max_time_s / rounds, settings.min_time_s / rounds),
-    })
-    times: list[list[float]] = [[] for _ in runners]
-    order = list(range(len(runners)))
-    for r in range(rounds):
-        for i in order[r % len(order):] + order[: r % len(order)]:
-            runner = runners[i]
-            with pin_cpu_threads(threads if runner.device == "cpu" else None):
-                ts, _, _ = measure(runner.timed_step(batch), batch=batch, timer=runner.timer,
-                                   synchronize=runner.synchronize, settings=per_round)
-            times[i].extend(ts)
-    return [float(np.median(t)) for t in times]
 
 
 def next_ask(tries: Sequence[LatencyTry], target: float) -> float:
@@ -152,9 +125,10 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
     misses the measurement by more than cfg.latency.flops_fallback, the target is chased a
     second time with FLOPs budgets; of the tries that met the target, the one whose outputs
     on held-out points stay closest to the unpruned model's is returned, else the closest to
-    the target. Returns that pruned model, its PruneReport and the report of every try.
-    PruneError when even the first try's target is below the floor the protected layers
-    allow; LatencyTableError for a backend or batch that cannot run.
+    the target. Returns that pruned model, its PruneReport and the report of every try. A
+    target below the table's floor (what the protected layers and min_channels allow) is tried
+    at the floor and reported not met; PruneError when not even the floor can be pruned to;
+    LatencyTableError for a backend or batch that cannot run.
     """
     if cfg.target != "latency" or cfg.latency is None:
         raise LatencyTableError(f"prune.target is {cfg.target!r}: prune_to_latency needs target latency")
@@ -170,7 +144,7 @@ def prune_to_latency(model: nn.Module, calib_loader, cfg: PruneConfig, keep_rati
     report = LatencyTargetReport(backend=spec.backend, batch=spec.batch, precision=spec.precision,
                                  threads=spec.threads, target=keep_ratio, tolerance=spec.tolerance,
                                  table_seconds=table.build_seconds, table_cached_blocks=table.cached_blocks,
-                                 table_load_factor=table.load_factor)
+                                 table_load_factor=table.load_factor, table_realized=table.realized)
     input_shape = list(example_input.shape[1:])
     closeness = _OutputCloseness(reference_model, holdout_loader or calib_loader, device, divergence)
     picked = _Pick(keep_ratio, spec.tolerance)
@@ -290,9 +264,9 @@ class _Chase:
             try:
                 pruned, prep = self.attempt(cost_model, asked)
             except PruneError as e:
-                if not self.report.tries:
-                    raise
                 if e.floor is None or floor_tried or e.floor * 1.001 >= 1:
+                    if not self.report.tries:
+                        raise
                     return f" (the corrected target {asked:.3g} cannot be pruned to: {e})"
                 # the floor is the cost model's prediction too: measure the most it can prune instead
                 log.info("corrected target %.3g is below the %s floor %.3g: trying the floor", asked, cost_model, e.floor)

@@ -6,7 +6,7 @@ with the dotted path of the offending field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -177,6 +177,11 @@ class LatencyTargetConfig(StrictModel):
         "share, chase the target with FLOPs budgets too and keep the met model closest to the unpruned one; "
         "None: the table only")
     cache_dir: str | None = Field(None, description="latency table cache; None: ~/.cache/pfp/latency_tables")
+    context_s: float = Field(300.0, ge=0, description="seconds at most per table build (then cached) spent timing "
+                             "each group's staircase tops inside the whole model; 0: the blocks alone")
+    calibration: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.6, 0.35], description="uniform widths at which the whole model is pruned and timed "
+        "to learn the share of the blocks' predicted savings it realizes; []: none, the blocks' sum as it is")
 
 
 class PruneConfig(StrictModel):

@@ -4,10 +4,17 @@ A table holds, for each channel group, the latency of its block (producer, norm,
 and the consumers whose width changes) measured at some channel counts on one backend, plus
 the whole model's latency at full width. The prediction for kept counts k_g is
 
-    full_ms + sum_g (block_g(k_g) - block_g(size_g))
+    full_ms + realized * sum_g (block_g(k_g) - block_g(size_g))
 
 so whatever a block's measurement adds around the group (its input, the layers shared with
-other groups) cancels. A layer whose input belongs to one group and whose output to another
+other groups) cancels. A block timed on its own is a graph of its own: a runtime lays it out
+and fuses it unlike the same layers inside the model (ONNX Runtime's blocked layouts, for one),
+so the blocks' savings are not all realized by the whole model. Two measurements of the whole
+model correct them when the table is built (export.latency_calibration): each group's
+staircase tops timed in the model (`BlockLatency.in_context` raises a level the model runs
+slower), and `realized`, the share of the savings the model realizes when pruned uniformly
+(`CalibrationPoint`), which scales every saving alike: it moves the predicted total, not the
+ranking of the cuts. A layer whose input belongs to one group and whose output to another
 (in a chain of convolutions, every layer but the first) is in both groups' blocks: each block
 saw it shrink along one side only, and a convolution's work is the product of its two widths,
 so the sum counts its saving twice where both shrink. Each such `LayerPair` adds back the
@@ -98,6 +105,26 @@ class BlockLatency(BaseModel):
         # a new instance, not model_copy: that would carry the cached envelope along
         return BlockLatency(**{**self.model_dump(), "ms": [v * factor for v in self.ms]})
 
+    def in_context(self, deltas_ms: dict[int, float]) -> "BlockLatency":
+        """The block with each level raised to what the whole model measured at its top, never lowered.
+
+        deltas_ms holds, for some level tops c, what the whole model gained (negative: saved)
+        with this group at c and every other group whole. Where the model saves less than the
+        block alone says (a layout break the lone block does not pay), the level's counts rise
+        with their top; a level the model runs no faster than a wider one then merges into it
+        (the envelope) and stops being a candidate. A measurement that promises more than the
+        block is not taken: one noisy low reading among dozens would be the allocator's pick.
+        """
+        top_of: dict[int, int] = {}
+        lv = self.levels
+        for i in reversed(range(len(self.counts))):
+            top_of[i] = self.counts[i] if i + 1 == len(lv) or lv[i + 1] != lv[i] else top_of[i + 1]
+        full = self.ms[-1]
+        shift = {c: max(0.0, full + d - self.envelope_raw[self.counts.index(c)]) for c, d in deltas_ms.items()
+                 if c in self.counts and c < self.size}
+        ms = [v + shift.get(top_of[i], 0.0) for i, v in enumerate(self.ms)]
+        return BlockLatency(size=self.size, counts=list(self.counts), ms=ms, step_tol=self.step_tol)
+
     def staircase_counts(self) -> list[int]:
         """For each latency level, the largest count at that level (ascending)."""
         lv = self.levels
@@ -123,6 +150,28 @@ class LayerPair(BaseModel):
     out_share: float = Field(ge=0, le=1, description="the layer's share of out_group's block FLOPs")
 
 
+class CalibrationPoint(BaseModel):
+    """The whole model pruned uniformly, predicted by the blocks alone and measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: float = Field(gt=0, le=1, description="share of every group's channels kept")
+    predicted_ratio: float = Field(gt=0, description="the blocks' prediction (realized 1) / full_ms")
+    measured_ratio: float = Field(gt=0, description="pruned p50 / unpruned p50, timed side by side")
+
+
+def realized_share(points: list[CalibrationPoint], lo: float = 0.2, hi: float = 1.5) -> float:
+    """Least-squares share of the predicted savings that the measurements realized, clamped to [lo, hi].
+
+    Points whose predicted saving is under 2% say nothing about a share (noise would decide it).
+    """
+    useful = [(1 - p.predicted_ratio, 1 - p.measured_ratio) for p in points if p.predicted_ratio < 0.98]
+    if not useful:
+        return 1.0
+    share = sum(s * m for s, m in useful) / sum(s * s for s, _ in useful)
+    return float(min(max(share, lo), hi))
+
+
 class LatencyModel(BaseModel):
     """A model's latency table on one backend: blocks by group name, and the full-width total."""
 
@@ -141,6 +190,12 @@ class LatencyModel(BaseModel):
     cached_blocks: int = Field(0, ge=0, description="blocks read from the cache instead of measured")
     load_factor: float = Field(1.0, gt=0, description="cached blocks were multiplied by this to match the "
                                                       "machine's speed when full_ms was measured")
+    realized: float = Field(1.0, gt=0, description="share of the blocks' summed savings the whole model realizes "
+                                                   "(from `calibration`; 1: the blocks' sum as it is)")
+    calibration: list[CalibrationPoint] = Field(default_factory=list, description="uniform prunes of the whole "
+                                                "model timed to set `realized`")
+    in_context: list[str] = Field(default_factory=list, description="groups whose staircase tops were timed in the "
+                                  "whole model (export.latency_calibration)")
 
     def block_delta(self, name: str, k: int) -> float:
         """ms the model gains (negative: saves) with k channels kept in group `name`."""
@@ -153,7 +208,8 @@ class LatencyModel(BaseModel):
         if unknown:
             raise KeyError(f"latency table has no block for group {unknown[0]!r}")
         deltas = {n: self.block_delta(n, k) for n, k in counts.items()}
-        return self.full_ms + sum(deltas.values()) + sum(self._interaction(p, deltas) for p in self.pairs)
+        saving = sum(deltas.values()) + sum(self._interaction(p, deltas) for p in self.pairs)
+        return self.full_ms + self.realized * saving
 
     def _interaction(self, pair: LayerPair, deltas: dict[str, float]) -> float:
         """ms to add back for `pair`'s layer, counted as saved in both of its blocks."""
