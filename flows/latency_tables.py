@@ -1,7 +1,7 @@
 """Latency tables in MLflow: a device class measures its blocks once, every host of it reuses them.
 
-export.latency_table caches each block as a JSON file named by a hash of the block and of the
-machine key. This module copies those files to and from experiment `pfp-latency-tables`: one
+export.latency_table caches each block (and a model's ratios timed in context) as a JSON file
+named by a hash of the block (or the model's blocks) and of the machine key. This module copies those files to and from experiment `pfp-latency-tables`: one
 run per machine key, tagged `pfp.machine_key` (the key's hash), the files under `tables/`.
 Only files recorded as built on the machine key are pushed or pulled, so a host never gets
 another device class's timings. Uses the tracking URI already set (flows.tracking.setup_mlflow).

@@ -178,7 +178,7 @@ def test_wide_blocks_refine_between_counts_across_a_step_within_the_budget():
 def built(tmp_path_factory):
     cache = tmp_path_factory.mktemp("latency_cache")
     # the blocks alone: the calibration on the whole model is tested in test_latency_calibration.py
-    spec = LatencyTargetConfig(backend="ort-cpu", batch=2, threads=1, calibration=[])
+    spec = LatencyTargetConfig(backend="ort-cpu", batch=2, threads=1, context_s=0, calibration=[])
     table = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=cache, grid=GRID,
                                 block_settings=FAST, model_settings=FAST)
     return table, cache, spec
@@ -250,7 +250,7 @@ def test_the_load_factor_is_the_ratio_of_now_to_then(tmp_path, monkeypatch):
         return load["now"] * (1e-3 + 1e-5 * sum(p.numel() for p in module.parameters()))
 
     monkeypatch.setattr(lt, "time_module", fake_time)
-    spec = LatencyTargetConfig(backend="ort-cpu", batch=2, threads=1, calibration=[])
+    spec = LatencyTargetConfig(backend="ort-cpu", batch=2, threads=1, context_s=0, calibration=[])
     quiet = build_latency_table(TinyNet().eval(), _x(), spec, cache_dir=tmp_path, grid=GRID)
     assert quiet.cached_blocks == 0 and quiet.load_factor == 1.0
     load["now"] = 2.0  # the same machine, twice as busy
