@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 import torch.nn as nn
 
 import export.latency_table as lt
@@ -17,28 +16,9 @@ from export.latency_calibration import pruned_copy, uniform_counts
 from export.latency_table import GridSettings, build_latency_table
 from pfp.config import LatencyTargetConfig
 from pfp.latency_model import BlockLatency, CalibrationPoint, LatencyModel, realized_share
+from tests.test_latency_table import TinyNet, _x
 
 GRID = GridSettings(dense_upto=12, coarse_points=4, max_points=12, negligible=0.0)
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(12)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(12, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(self.pool(x).flatten(1))
-
-
-def _x() -> torch.Tensor:
-    return torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------- tables as data
