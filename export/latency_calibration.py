@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from pfp.groups import PruningGraph
 from pfp.latency_model import BlockLatency, CalibrationPoint, LatencyModel
+from pfp.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def time_in_context(table: LatencyModel, model: nn.Module, example_input: torch.
             ratios[name] = {c: time_ratio(pruned_copy(model, example_input, {name: c}, ignore_layers), f"ctx_{c}")
                             for c in context_counts(table.blocks[name])}
         except Exception as e:  # noqa: BLE001 - a group the model cannot run without (a hard-coded width)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             log.warning("latency table: group %s not timed in context (%s); it keeps its block as measured alone",
                         name, first)
             continue

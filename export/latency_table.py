@@ -55,6 +55,7 @@ from pfp.files import write_text_atomic
 from pfp.groups import PruningGraph, is_depthwise
 from pfp.hooks import eval_mode
 from pfp.latency_model import BlockLatency, CalibrationPoint, LatencyModel, LayerPair, realized_share
+from pfp.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ def time_runner(runner: Runner, spec: LatencyTargetConfig, settings: LatencySett
             step = runner.timed_step(spec.batch)
             step()
         except Exception as e:  # noqa: BLE001 - each runtime fails in its own way (memory, limits)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise LatencyTableError(f"prune.latency.batch: backend {runner.backend} cannot run batch "
                                     f"{spec.batch} ({first})") from None
         times, _, _ = measure(step, batch=spec.batch, timer=runner.timer, synchronize=runner.synchronize,
@@ -560,7 +561,7 @@ def _on_the_whole_model(table: LatencyModel, model: nn.Module, example_input: to
             table = apply_context(table, ratios)
         points = calibrate(table, model, example_input, spec.calibration, time_ratio, ignore_layers, progress)
     except Exception as e:  # noqa: BLE001 - a model the uniform prune or the backend cannot take
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         log.warning("latency table: not calibrated on the whole model (%s); the blocks' sum predicts as it is", first)
     finally:
         full.close()

@@ -13,3 +13,8 @@ class PfpError(Exception):
 
 class CoreError(PfpError):
     """Raised by the `pfp` package: configs, data, models, checkpoints, pruning."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line reports."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from pfp.config import ConfigError
 from pfp.imports import ImportPathError, call, is_import_path
+from pfp.errors import first_line
 
 __all__ = ["build_model", "available_models", "check_model_name", "require_timm", "tv_weights",
            "unknown_model_error", "OUR_MODELS", "LeNet5", "LeNet300100", "CifarResNet", "BasicBlock", "VGG"]
@@ -264,7 +265,7 @@ def _build_tv_pretrained(name: str, weights: str, num_classes: int, in_channels:
     try:
         model = tvm.get_model(name, weights=enum)
     except Exception as e:  # a download that fails offline, a corrupt cache
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ConfigError(f"model.weights: cannot get {enum} for tv:{name} ({type(e).__name__}: {first}); "
                           "torchvision downloads weights, so the machine must be online") from None
     # A new head for another number of classes: fine-tuning starts from the pretrained features.

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from pfp.train import EpochStats
+from pfp.errors import first_line
 
 
 class _Result(BaseModel):
@@ -100,7 +101,7 @@ class RoundResult(_Result):
     def failed(cls, method: str, target: str, keep_ratio: float, error: BaseException,
                round: int | None = None) -> "RoundResult":
         """The row of a round that raised: its first message line, no measurements."""
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         return cls(method=method, target=target, keep_ratio=keep_ratio, round=round,
                    error=f"{type(error).__name__}: {first}")
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pfp.config import ConfigError, RunConfig
 from pfp.data import DataBundle, build_data, data_fingerprint, infer_num_classes, make_loader, split_calibration
 from pfp.distributed import barrier, get_rank, get_world_size, is_main_process
+from pfp.errors import first_line
 from pfp.files import stable_hash
 from pfp.imports import is_import_path
 from pfp.models import build_model
@@ -345,7 +346,7 @@ def load_checkpoint_for(path: str | Path, data: DataBundle, example_input: torch
         with torch.no_grad():
             out = model(example_input.cpu())
     except Exception as e:  # noqa: BLE001 - any failure means the model does not fit the data
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise CheckpointError(
             f"{path}: the model does not accept {shape} inputs of data set {data.name} ({type(e).__name__}: {first})"
         ) from None

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from export.backends.base import Backend, BackendError, BuildSpec, ModelBundle, Runner, random_input
+from pfp.errors import first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -107,6 +108,6 @@ class OrtBackend(Backend):
         try:
             session = ort.InferenceSession(str(graph), sess_options=opts, providers=[PROVIDERS[self.device]])
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise BackendError(f"{graph}: onnxruntime cannot load it ({first})") from None
         return OrtRunner(session, bundle, self.device, spec.precision, graph, spec.threads, self.name)
